@@ -1,0 +1,227 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/smqtt/smqtt/config"
+	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/keyclient"
+	"github.com/smqtt/smqtt/proxy"
+	"github.com/smqtt/smqtt/proxy/queue"
+)
+
+func runSidecar(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("sidecar", "sidecar -c FILE [--log-format text|json] [--log-level LEVEL]", stderr)
+	cfgPath := fs.String("c", "", "config file (required; the sidecar: section)")
+	newLog := logFlags(fs, stderr, "info")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := newLog()
+	if err != nil {
+		return err
+	}
+	if *cfgPath == "" {
+		return errors.New("-c: missing: name the config file")
+	}
+	f, err := config.Load(*cfgPath)
+	if err != nil {
+		return err
+	}
+	cfg, err := f.SidecarConfig()
+	if err != nil {
+		return err
+	}
+	for _, w := range cfg.Warnings() {
+		log.Warn(w)
+	}
+	if cfg.Keyserver != nil {
+		return errors.New("sidecar.keyserver: key-server mode is not available in this build yet; use sidecar.static_keys")
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	opts, err := sidecarOptions(cfg, log, reg)
+	if err != nil {
+		return err
+	}
+	sc, err := proxy.New(opts)
+	if err != nil {
+		return err
+	}
+	if err := sc.Start(); err != nil {
+		return err
+	}
+	for i, a := range sc.Addrs() {
+		log.Info("listening for local apps", "listen", cfg.Listen[i], "addr", a.String())
+	}
+	var metricsSrv *http.Server
+	if cfg.MetricsListen != "" {
+		metricsSrv, err = serveMetrics(cfg.MetricsListen, reg, func() error { return sidecarHealth(sc, opts) }, log)
+		if err != nil {
+			sc.Close(context.Background())
+			return err
+		}
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	s := <-sig
+	log.Info("shutting down", "signal", s.String(), "queued", sc.QueueLen())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if metricsSrv != nil {
+		metricsSrv.Shutdown(ctx)
+	}
+	if err := sc.Close(ctx); err != nil {
+		return err
+	}
+	if n := sc.QueueLen(); n > 0 {
+		log.Warn("messages left in the outbound queue; they are sent at the next start", "queued", n)
+	}
+	return nil
+}
+
+// sidecarOptions turns a validated sidecar config into proxy options.
+func sidecarOptions(cfg *config.Sidecar, log *slog.Logger, reg prometheus.Registerer) (proxy.Options, error) {
+	ring := keyclient.NewRing()
+	for group, path := range cfg.StaticKeys {
+		k, err := gkd.LoadGroupKey(path)
+		if err != nil {
+			return proxy.Options{}, fmt.Errorf("sidecar.static_keys.%s: %w", group, err)
+		}
+		if err := ring.AddStatic(group, envelope.GroupKey(k)); err != nil {
+			return proxy.Options{}, fmt.Errorf("sidecar.static_keys.%s: %w", group, err)
+		}
+	}
+	var rules []proxy.Rule
+	for _, r := range cfg.Protect {
+		rules = append(rules, proxy.Rule{Filters: r.Topics, Group: r.Group})
+	}
+	sync, err := queue.ParseSync(string(cfg.Queue.Sync))
+	if err != nil {
+		return proxy.Options{}, fmt.Errorf("sidecar.queue.sync: %w", err)
+	}
+	upTLS, err := clientTLS(cfg.Upstream)
+	if err != nil {
+		return proxy.Options{}, err
+	}
+	var listenTLS *tls.Config
+	if cfg.ListenTLS != nil && cfg.ListenTLS.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.ListenTLS.CertFile, cfg.ListenTLS.KeyFile)
+		if err != nil {
+			return proxy.Options{}, fmt.Errorf("sidecar.listen_tls: %w", err)
+		}
+		listenTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	users := map[string]string{}
+	for _, u := range cfg.Auth.Users {
+		users[u.Username] = u.Password
+	}
+	return proxy.Options{
+		Listen:    cfg.Listen,
+		ListenTLS: listenTLS,
+		Users:     users,
+		Upstream: proxy.UpstreamOptions{
+			URL:            cfg.Upstream.URL,
+			ClientID:       cfg.Upstream.ClientID,
+			Username:       cfg.Upstream.Username,
+			Password:       cfg.Upstream.Password,
+			TLS:            upTLS,
+			KeepAlive:      cfg.Upstream.Keepalive,
+			ConnectTimeout: cfg.Upstream.ConnectTimeout,
+		},
+		Rules:   rules,
+		Deny:    cfg.Unmatched == config.UnmatchedDeny,
+		Keys:    ring,
+		DataDir: cfg.DataDir,
+		Queue: queue.Options{
+			MaxMessages:   cfg.Queue.MaxMessages,
+			Sync:          sync,
+			BatchInterval: cfg.Queue.BatchInterval,
+		},
+		Logger:   log,
+		Registry: reg,
+	}, nil
+}
+
+// clientTLS builds the upstream TLS configuration, or nil for plain schemes.
+func clientTLS(u config.Upstream) (*tls.Config, error) {
+	if !u.UsesTLS() {
+		return nil, nil
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: u.TLS.InsecureSkipVerify}
+	if u.TLS.CAFile != "" {
+		pem, err := os.ReadFile(u.TLS.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("upstream.tls.ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("upstream.tls.ca_file: %s holds no PEM certificate", u.TLS.CAFile)
+		}
+		c.RootCAs = pool
+	}
+	if u.TLS.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(u.TLS.CertFile, u.TLS.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("upstream.tls.cert_file: %w", err)
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	return c, nil
+}
+
+// sidecarHealth is nil when upstream is connected and every protected
+// group has a key to seal with.
+func sidecarHealth(sc *proxy.Sidecar, opts proxy.Options) error {
+	if !sc.Connected() {
+		return errors.New("upstream not connected")
+	}
+	for _, r := range opts.Rules {
+		if _, err := opts.Keys.Sealer(r.Group); err != nil {
+			return fmt.Errorf("group %q: no key", r.Group)
+		}
+	}
+	return nil
+}
+
+// serveMetrics serves /metrics and /healthz on addr.
+func serveMetrics(addr string, reg *prometheus.Registry, health func() error, log *slog.Logger) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := health(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics_listen: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "error", err)
+		}
+	}()
+	log.Info("serving /metrics and /healthz", "addr", ln.Addr().String())
+	return srv, nil
+}

@@ -1,0 +1,126 @@
+// Package keyclient is the sidecar's side of group key distribution: it keeps
+// a key ring per group (the epochs a sidecar may open, the one it seals with,
+// and its sender id) and, with a key server, joins groups and follows rekeys.
+//
+// The data plane (package proxy) sees only the Ring: it asks for the Sealer of
+// a group when it must protect a message, and looks keys up by (group, epoch)
+// when it opens one. Static keys (config sidecar.static_keys) fill the ring
+// once at start; the key server fills and rotates it at run time.
+package keyclient
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/smqtt/smqtt/envelope"
+)
+
+// StaticEpoch is the epoch a static group key is known by. Static keys never
+// rotate, so one epoch number is enough.
+const StaticEpoch uint32 = 1
+
+// ErrNoKey means the ring holds no key to seal for a group: the caller must
+// not send the message in clear (fail closed).
+var ErrNoKey = errors.New("no group key")
+
+// Ring holds the group keys of one sidecar process. It is safe for
+// concurrent use.
+type Ring struct {
+	mu      sync.RWMutex
+	sealers map[string]*envelope.Sealer              // group -> current sending sealer
+	keys    map[string]map[uint32]*envelope.GroupKey // group -> epoch -> key (receive side)
+}
+
+// NewRing returns an empty ring.
+func NewRing() *Ring {
+	return &Ring{
+		sealers: make(map[string]*envelope.Sealer),
+		keys:    make(map[string]map[uint32]*envelope.GroupKey),
+	}
+}
+
+// AddStatic installs a static group key under StaticEpoch with a fresh random
+// 64-bit sender id, drawn anew every time the process starts: two processes
+// sealing under the same static key collide on a sender id with probability
+// about n²/2⁶⁵ for n starts (see docs/PROTOCOL.md, "Nonce uniqueness").
+func (r *Ring) AddStatic(group string, key envelope.GroupKey) error {
+	sender, err := RandomSenderID()
+	if err != nil {
+		return err
+	}
+	return r.Install(group, StaticEpoch, key, sender, true)
+}
+
+// Install adds the key of (group, epoch) for opening, and, when send is true,
+// makes it the epoch the ring seals with under the given sender id.
+func (r *Ring) Install(group string, epoch uint32, key envelope.GroupKey, sender uint64, send bool) error {
+	k := key
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.keys[group] == nil {
+		r.keys[group] = make(map[uint32]*envelope.GroupKey)
+	}
+	r.keys[group][epoch] = &k
+	if send {
+		s, err := envelope.NewSealer(group, epoch, &k, sender)
+		if err != nil {
+			return fmt.Errorf("keyclient: group %q epoch %d: %w", group, epoch, err)
+		}
+		r.sealers[group] = s
+	}
+	return nil
+}
+
+// Retire forgets the key of (group, epoch): messages under it can no longer
+// be opened, and if it was the sending epoch the ring stops sealing for the
+// group until another key is installed.
+func (r *Ring) Retire(group string, epoch uint32) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.keys[group], epoch)
+	if s := r.sealers[group]; s != nil && s.Epoch() == epoch {
+		delete(r.sealers, group)
+	}
+}
+
+// Sealer returns the sealer a group's messages are protected with now, or
+// ErrNoKey.
+func (r *Ring) Sealer(group string) (*envelope.Sealer, error) {
+	r.mu.RLock()
+	s := r.sealers[group]
+	r.mu.RUnlock()
+	if s == nil {
+		return nil, fmt.Errorf("%w for group %q", ErrNoKey, group)
+	}
+	return s, nil
+}
+
+// GroupKey implements envelope.KeyLookup.
+func (r *Ring) GroupKey(group string, epoch uint32) (*envelope.GroupKey, bool) {
+	r.mu.RLock()
+	k, ok := r.keys[group][epoch]
+	r.mu.RUnlock()
+	return k, ok
+}
+
+// HasSendKey reports whether the ring can seal for group.
+func (r *Ring) HasSendKey(group string) bool {
+	_, err := r.Sealer(group)
+	return err == nil
+}
+
+// RandomSenderID draws a non-zero 64-bit sender id from crypto/rand.
+func RandomSenderID() (uint64, error) {
+	var b [8]byte
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			return 0, fmt.Errorf("keyclient: sender id: %w", err)
+		}
+		if id := binary.BigEndian.Uint64(b[:]); id != 0 {
+			return id, nil
+		}
+	}
+}

@@ -1,0 +1,183 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// subKey names one client's subscription to one filter.
+type subKey struct{ client, filter string }
+
+// relayedWillTopic is where the local broker "publishes" a Will the sidecar
+// has already relayed upstream: a $-topic no wildcard matches and no
+// application subscribes to.
+const relayedWillTopic = "$smqtt/relayed-will"
+
+// hook is the sidecar's one hook on the local broker.
+type hook struct {
+	mqtt.HookBase
+	sc *Sidecar
+}
+
+func (h *hook) ID() string { return "smqtt-sidecar" }
+
+func (h *hook) Provides(b byte) bool {
+	return bytes.Contains([]byte{
+		mqtt.OnConnectAuthenticate,
+		mqtt.OnACLCheck,
+		mqtt.OnPublish,
+		mqtt.OnSubscribe,
+		mqtt.OnSubscribed,
+		mqtt.OnUnsubscribed,
+		mqtt.OnWill,
+		mqtt.OnClientExpired,
+		mqtt.OnPublishDropped,
+		mqtt.OnQosDropped,
+	}, []byte{b})
+}
+
+// OnConnectAuthenticate admits everyone when no users are configured, and
+// otherwise checks the username and password.
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	users := h.sc.opts.Users
+	if len(users) == 0 {
+		return true
+	}
+	pw, ok := users[string(pk.Connect.Username)]
+	if !ok || !constantTimeEqual(pw, string(pk.Connect.Password)) {
+		h.sc.limitedWarn("auth", "local client refused: bad username or password", "client", cl.ID, "remote", cl.Net.Remote)
+		return false
+	}
+	return true
+}
+
+// OnACLCheck lets everything through, except a live message to a client
+// that already had it as a retained message (see claimLive). The check for
+// a SUBSCRIBE in progress is told apart by the subscribing mark.
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if write {
+		return true
+	}
+	sc := h.sc
+	sc.excludeMu.Lock()
+	excluded := sc.exclude[cl.ID] && topic == sc.excludeTopic
+	sc.excludeMu.Unlock()
+	if excluded {
+		if _, subscribing := sc.subscribing.Load(cl.ID); subscribing {
+			return true
+		}
+	}
+	return !excluded
+}
+
+// OnPublish sends a local application's publish upstream instead of routing
+// it locally; it comes back through the mirror to local subscribers.
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil // the sidecar's own delivery of an upstream message
+	}
+	sc := h.sc
+	m, err := sc.sealOutbound(pk.TopicName, pk.FixedHeader.Qos, pk.FixedHeader.Retain, pk.Payload)
+	if err == nil {
+		err = sc.sendOutbound(sc.ctx, m)
+	}
+	if err != nil {
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
+			if errors.Is(err, errDenied) || errors.Is(err, errNoKey) {
+				return pk, packets.ErrNotAuthorized
+			}
+			return pk, packets.ErrImplementationSpecificError
+		}
+		return pk, packets.ErrRejectPacket
+	}
+	return pk, packets.CodeSuccessIgnore
+}
+
+// OnWill relays a local client's Will upstream, protected like any publish,
+// and leaves the local broker a harmless stand-in to publish.
+func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
+	sc := h.sc
+	m, err := sc.sealOutbound(will.TopicName, will.Qos, will.Retain, will.Payload)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(sc.ctx, 5*time.Second)
+		err = sc.sendOutbound(ctx, m)
+		cancel()
+	}
+	if err != nil {
+		sc.log.Warn("local client's Will not relayed", "client", cl.ID, "topic", will.TopicName, "error", err)
+	}
+	return mqtt.Will{TopicName: relayedWillTopic, Payload: nil, Qos: 0}, nil
+}
+
+// OnSubscribe keeps the local broker from serving retained messages of its
+// own (see retained.go): a subscription's retained messages come from
+// upstream. The Retain Handling the client asked for is remembered for
+// OnSubscribed.
+func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if cl.Net.Inline {
+		return pk
+	}
+	h.sc.subscribing.Store(cl.ID, true)
+	filters := make(packets.Subscriptions, len(pk.Filters))
+	for i, f := range pk.Filters {
+		h.sc.wantsRetained.Store(subKey{cl.ID, f.Filter}, f.RetainHandling)
+		f.RetainHandling = 2
+		filters[i] = f
+	}
+	pk.Filters = filters
+	return pk
+}
+
+func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	if cl.Net.Inline {
+		return
+	}
+	h.sc.subscribing.Delete(cl.ID)
+	for i, f := range pk.Filters {
+		handling, _ := h.sc.wantsRetained.LoadAndDelete(subKey{cl.ID, f.Filter})
+		if i < len(reasonCodes) && reasonCodes[i] >= 0x80 {
+			continue
+		}
+		_, existed := h.sc.mirror.holds(cl.ID, f.Filter)
+		// Retain Handling (MQTT 5): 0 send retained messages, 1 only for a new
+		// subscription, 2 never. Shared subscriptions get none.
+		if rh, _ := handling.(byte); !isShared(f.Filter) && (rh == 0 || rh == 1 && !existed) {
+			f.RetainHandling = rh
+			h.sc.pendingRetained.add(cl.ID, f)
+		}
+		h.sc.mirrorAdd(cl.ID, f.Filter, f.Qos)
+	}
+}
+
+func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	for _, f := range pk.Filters {
+		h.sc.pendingRetained.drop(cl.ID, f.Filter)
+		h.sc.mirrorRemove(cl.ID, f.Filter)
+	}
+}
+
+// OnClientExpired: mochi drops an expired persistent session without
+// unsubscribing it, so the mirror lets go of its filters here.
+func (h *hook) OnClientExpired(cl *mqtt.Client) {
+	for filter := range cl.State.Subscriptions.GetAll() {
+		h.sc.server.Topics.Unsubscribe(filter, cl.ID)
+		h.sc.mirrorRemove(cl.ID, filter)
+	}
+}
+
+func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	h.sc.metrics.drop("in", DropLocalFull)
+	h.sc.limitedWarn("local-full", "local subscriber too slow: message dropped", "client", cl.ID, "topic", pk.TopicName)
+}
+
+func (h *hook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
+	h.sc.metrics.drop("in", DropLocalFull)
+}

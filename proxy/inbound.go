@@ -1,0 +1,172 @@
+package proxy
+
+// Inbound: upstream delivers, and the message reaches local subscribers.
+//
+//  1. bridge.go hands every upstream PUBLISH to onUpstreamMessage, which
+//     queues it for the inbound worker (a full queue holds paho's router,
+//     which holds the upstream connection: backpressure, not loss).
+//  2. The worker takes a batch. Per message: policy lookup; unprotected
+//     topics pass as they are. Protected: open the envelope (version, epoch
+//     key, per-sender subkey, AEAD over header, group and topic). Anything
+//     that fails is dropped and counted by reason, never delivered.
+//  3. Replay: a live message must be new in its sender's sliding window.
+//     A retained delivery (a stored value upstream replays on subscribe, or a
+//     re-sealed one) goes through the topic's retained register instead.
+//  4. One bbolt transaction stores the batch's window and register changes.
+//  5. Deliver to the local broker (never forwarded upstream again), then
+//     acknowledge upstream.
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/smqtt/smqtt/envelope"
+)
+
+const inboundBatch = 256
+
+// delivery is what the worker does with one upstream message after the
+// batch's state is committed.
+type delivery struct {
+	msg     paho.Message
+	topic   string
+	payload []byte
+	qos     byte
+	action  deliveryAction
+	valueID string // protected: the sealed value's (epoch, sender, seq)
+}
+
+type deliveryAction int
+
+const (
+	actDrop     deliveryAction = iota // counted already, or nothing to deliver: just acknowledge
+	actPublish                        // a live message: to every current local subscriber
+	actRetained                       // a stored retained value: only to subscriptions waiting for it
+)
+
+func (sc *Sidecar) onUpstreamMessage(m paho.Message) {
+	select {
+	case sc.inbound <- m:
+	case <-sc.ctx.Done():
+	}
+}
+
+// runInbound is the inbound worker.
+func (sc *Sidecar) runInbound(ctx context.Context) {
+	batch := make([]delivery, 0, inboundBatch)
+	for {
+		var first paho.Message
+		select {
+		case first = <-sc.inbound:
+		case <-ctx.Done():
+			return
+		}
+		batch = append(batch[:0], sc.judge(first))
+	fill:
+		for len(batch) < inboundBatch {
+			select {
+			case m := <-sc.inbound:
+				batch = append(batch, sc.judge(m))
+			default:
+				break fill
+			}
+		}
+		for {
+			err := sc.state.commit()
+			if err == nil {
+				break
+			}
+			// Without stored replay state nothing may be delivered or
+			// acknowledged: upstream will redeliver once the disk recovers.
+			sc.log.Error("storing inbound replay state failed; retrying", "error", err)
+			select {
+			case <-time.After(time.Second):
+			case <-ctx.Done():
+				return
+			}
+		}
+		for i := range batch {
+			sc.deliver(&batch[i])
+			batch[i].msg.Ack()
+			batch[i] = delivery{}
+		}
+	}
+}
+
+// judge opens and checks one upstream message and decides its delivery.
+func (sc *Sidecar) judge(m paho.Message) delivery {
+	d := delivery{msg: m, topic: m.Topic(), qos: m.Qos()}
+	group, protected := sc.policy.Group(d.topic)
+	if !protected {
+		d.payload = m.Payload()
+		d.action = actPublish
+		if m.Retained() {
+			d.action = actRetained
+		}
+		sc.mInPlain.Inc()
+		return d
+	}
+	h, plain, err := sc.opener.Open(nil, group, d.topic, m.Payload())
+	if err != nil {
+		reason := envelope.Reason(err)
+		if errors.Is(err, envelope.ErrNoKey) {
+			reason = DropUnknownKey // inbound: no key for the envelope's epoch
+		}
+		sc.metrics.drop("in", reason)
+		sc.limitedWarn("open-"+reason, "dropped an upstream message that failed to open", "topic", d.topic, "group", group, "reason", reason)
+		return d
+	}
+	d.payload = plain
+	triple := retainedTriple{Epoch: h.Epoch, Sender: h.Sender, Seq: h.Seq}
+	d.valueID = valueID(triple)
+	if h.Flags.Retain() && (m.Retained() || h.Flags.Reseal()) {
+		// A stored retained value (or one re-sealed under a new epoch):
+		// it bypasses the sliding window and goes through the register.
+		if !sc.state.freshRetained(d.topic, triple) {
+			sc.metrics.drop("in", DropStaleRetain)
+			sc.limitedWarn("stale-retained", "dropped a stale retained message", "topic", d.topic, "group", group)
+			return d
+		}
+		if m.Retained() && len(plain) > 0 { // a tombstone or a reseal is delivered to no one
+			d.action = actRetained
+		}
+		sc.mInProtected.Inc()
+		return d
+	}
+	if !sc.state.accept(group, h.Epoch, h.Sender, h.Seq) {
+		sc.metrics.drop("in", DropReplay)
+		sc.limitedWarn("replay", "dropped a replayed or duplicated message", "topic", d.topic, "group", group, "sender", h.Sender, "seq", h.Seq)
+		return d
+	}
+	if h.Flags.Retain() {
+		sc.state.freshRetained(d.topic, triple) // a live retained publish: the topic's newest value
+	}
+	d.action = actPublish
+	sc.mInProtected.Inc()
+	return d
+}
+
+// deliver carries out one decision on the local broker.
+func (sc *Sidecar) deliver(d *delivery) {
+	switch d.action {
+	case actPublish:
+		if had := sc.pendingRetained.claimLive(d.topic, d.valueID); had != nil {
+			sc.excludeMu.Lock()
+			sc.exclude, sc.excludeTopic = had, d.topic
+			sc.excludeMu.Unlock()
+			defer func() {
+				sc.excludeMu.Lock()
+				sc.exclude, sc.excludeTopic = nil, ""
+				sc.excludeMu.Unlock()
+			}()
+		}
+		if err := sc.server.Publish(d.topic, d.payload, false, d.qos); err != nil {
+			sc.log.Error("local delivery failed", "topic", d.topic, "error", err)
+		}
+	case actRetained:
+		sc.deliverRetained(d.topic, d.valueID, d.payload, d.qos)
+	}
+}

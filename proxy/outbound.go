@@ -1,0 +1,119 @@
+package proxy
+
+// Outbound: a local application publishes, and the message goes upstream.
+//
+//  1. hook.go OnPublish (or OnWill) hands the packet to sealOutbound.
+//  2. Policy: the first protect rule whose filter matches names the group;
+//     no rule: relay as is, or refuse with unmatched: deny.
+//  3. Seal under the group's current key (fail closed: no key, no send).
+//  4. QoS 0: straight to upstream if it is connected, else dropped and
+//     counted. QoS 1/2: appended to the durable outbound queue; the
+//     application's PUBACK/PUBREC goes out once Append returns, and a full
+//     queue makes Append wait, which holds the application's connection
+//     (backpressure) instead of dropping.
+//  5. The sender goroutine takes queued records in order and hands them to
+//     the bridge with a bounded in-flight window; the bridge's ack store
+//     releases each record when upstream acknowledges it.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/proxy/queue"
+)
+
+// errDenied and errNoKey are the reasons a local publish is refused.
+var (
+	errDenied = errors.New("topic not protected and unmatched: deny")
+	errNoKey  = errors.New("no group key: refusing to send in clear")
+)
+
+// outboundMessage is what goes upstream for one local publish.
+type outboundMessage struct {
+	topic     string
+	qos       byte
+	retain    bool
+	payload   []byte // sealed when protected
+	protected bool
+}
+
+// sealOutbound applies the policy to one local publish.
+func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []byte) (outboundMessage, error) {
+	m := outboundMessage{topic: topic, qos: qos, retain: retain, payload: payload}
+	group, ok := sc.policy.Group(topic)
+	if !ok {
+		if sc.deny {
+			sc.metrics.drop("out", DropDenied)
+			return m, errDenied
+		}
+		return m, nil
+	}
+	sealer, err := sc.keys.Sealer(group)
+	if err != nil {
+		sc.metrics.drop("out", DropNoKey)
+		sc.log.Warn("no key for protected topic: message refused", "topic", topic, "group", group, "error", err)
+		return m, errNoKey
+	}
+	var flags envelope.Flags
+	if retain {
+		flags |= envelope.FlagRetain
+	}
+	sealed, _, err := sealer.Seal(make([]byte, 0, len(payload)+envelope.Overhead), topic, flags, payload)
+	if err != nil {
+		sc.metrics.drop("out", DropNoKey)
+		return m, fmt.Errorf("seal %q: %w", topic, err)
+	}
+	m.payload, m.protected = sealed, true
+	return m, nil
+}
+
+// sendOutbound queues or sends one sealed message; it blocks while the
+// outbound queue is full (backpressure on the publishing application).
+func (sc *Sidecar) sendOutbound(ctx context.Context, m outboundMessage) error {
+	if m.qos == 0 {
+		if !sc.bridge.publishNow(m.topic, m.retain, m.payload) {
+			sc.metrics.drop("out", DropOffline)
+			sc.limitedWarn("qos0-offline", "upstream down: QoS 0 message dropped", "topic", m.topic)
+			return nil
+		}
+		sc.countOut(m.protected)
+		return nil
+	}
+	_, err := sc.queue.Append(ctx, queue.Record{QoS: m.qos, Retain: m.retain, Topic: m.topic, Payload: m.payload})
+	if err != nil {
+		sc.metrics.drop("out", DropQueueFull)
+		return fmt.Errorf("outbound queue: %w", err)
+	}
+	sc.countOut(m.protected)
+	return nil
+}
+
+// runSender moves queued records upstream, in order, until ctx ends.
+func (sc *Sidecar) runSender(ctx context.Context) {
+	for {
+		rec, err := sc.queue.Next(ctx)
+		if err != nil {
+			return
+		}
+		if err := sc.bridge.publishQueued(ctx, rec.ID, rec.Topic, rec.QoS, rec.Retain, rec.Payload); err != nil {
+			return
+		}
+	}
+}
+
+// onUpstreamAck is called by the bridge when upstream acknowledged a record.
+func (sc *Sidecar) onUpstreamAck(id uint64) {
+	if err := sc.queue.Ack(id); err != nil {
+		sc.log.Error("outbound queue ack", "id", id, "error", err)
+	}
+}
+
+func (sc *Sidecar) countOut(protected bool) {
+	if protected {
+		sc.mOutProtected.Inc()
+	} else {
+		sc.mOutPlain.Inc()
+	}
+}

@@ -1,0 +1,376 @@
+package proxy
+
+import (
+	"context"
+	"crypto/subtle"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/proxy/queue"
+)
+
+// Keys is the sidecar's view of its key ring (package keyclient).
+type Keys interface {
+	// Sealer returns the sealer for a group's current sending epoch, or an
+	// error when there is none (the message is then not sent at all).
+	Sealer(group string) (*envelope.Sealer, error)
+	envelope.KeyLookup
+}
+
+// Options configure a Sidecar.
+type Options struct {
+	Listen    []string    // tcp://host:port, ssl://host:port, ws://host:port, unix:///path
+	ListenTLS *tls.Config // for ssl:// listeners
+	Users     map[string]string
+	Upstream  UpstreamOptions
+	Rules     []Rule
+	Deny      bool // unmatched: deny
+	Keys      Keys
+	DataDir   string
+	Queue     queue.Options // Dir defaults to DataDir/queue
+	Logger    *slog.Logger
+	Registry  prometheus.Registerer // nil: metrics are kept but not registered
+}
+
+// Sidecar is one running sidecar.
+type Sidecar struct {
+	opts   Options
+	log    *slog.Logger
+	policy *Policy
+	deny   bool
+	keys   Keys
+	opener *envelope.Opener
+	server *mqtt.Server
+	bridge *bridge
+	queue  *queue.Queue
+	state  *replayState
+	mirror *mirror
+
+	pendingRetained pendingRetained
+	wantsRetained   sync.Map // subKey -> the Retain Handling a SUBSCRIBE asked for
+
+	// exclude holds, while the inbound worker delivers a live message on
+	// excludeTopic, the local clients that already had it as a retained
+	// message; the ACL hook keeps it from them.
+	excludeMu    sync.Mutex
+	exclude      map[string]bool
+	excludeTopic string
+	subscribing  sync.Map // client id -> true between OnSubscribe and OnSubscribed
+	metrics      *Metrics
+	inbound      chan paho.Message
+	addrs        []net.Addr
+
+	mOutProtected, mOutPlain, mInProtected, mInPlain prometheus.Counter
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	warnMu   sync.Mutex
+	warnLast map[string]time.Time
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New prepares a sidecar: it opens the data directory and the local
+// listeners, but connects nowhere until Start.
+func New(opts Options) (*Sidecar, error) {
+	if opts.Keys == nil {
+		return nil, errors.New("proxy: no key ring")
+	}
+	if opts.DataDir == "" {
+		return nil, errors.New("proxy: no data directory")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	policy, err := NewPolicy(opts.Rules)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("proxy: data directory: %w", err)
+	}
+	qo := opts.Queue
+	if qo.Dir == "" {
+		qo.Dir = filepath.Join(opts.DataDir, "queue")
+	}
+	q, err := queue.Open(qo)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: outbound queue: %w", err)
+	}
+	st, err := openReplayState(opts.DataDir, qo.Sync)
+	if err != nil {
+		q.Close()
+		return nil, err
+	}
+	sc := &Sidecar{
+		opts:     opts,
+		log:      log,
+		policy:   policy,
+		deny:     opts.Deny,
+		keys:     opts.Keys,
+		opener:   envelope.NewOpener(opts.Keys, 4096),
+		queue:    q,
+		state:    st,
+		mirror:   newMirror(),
+		inbound:  make(chan paho.Message, 4096),
+		warnLast: make(map[string]time.Time),
+	}
+	sc.ctx, sc.cancel = context.WithCancel(context.Background())
+	sc.metrics = newMetrics(opts.Registry, func() float64 { return float64(q.Len()) })
+	sc.mOutProtected = sc.metrics.Messages.WithLabelValues("out", "protected")
+	sc.mOutPlain = sc.metrics.Messages.WithLabelValues("out", "plain")
+	sc.mInProtected = sc.metrics.Messages.WithLabelValues("in", "protected")
+	sc.mInPlain = sc.metrics.Messages.WithLabelValues("in", "plain")
+
+	sc.server = mqtt.New(&mqtt.Options{
+		InlineClient: true,
+		Logger:       slog.New(levelFilter{log.Handler(), slog.LevelWarn}),
+		Capabilities: localCapabilities(),
+	})
+	if err := sc.server.AddHook(&hook{sc: sc}, nil); err != nil {
+		sc.closeStores()
+		return nil, fmt.Errorf("proxy: local broker hook: %w", err)
+	}
+	for i, l := range opts.Listen {
+		ln, addr, err := listen(i, l, opts.ListenTLS)
+		if err != nil {
+			sc.closeStores()
+			return nil, err
+		}
+		if err := sc.server.AddListener(ln); err != nil {
+			sc.closeStores()
+			return nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, l, err)
+		}
+		sc.addrs = append(sc.addrs, addr)
+	}
+	sc.bridge = newBridge(opts.Upstream, log, sc.onUpstreamAck, sc.onUpstreamConnect, sc.onUpstreamLost, sc.onUpstreamMessage)
+	return sc, nil
+}
+
+// localCapabilities sizes the local broker so that it applies backpressure
+// rather than dropping: mochi's defaults drop QoS ≥ 1 messages once 8192 are
+// in flight or pending for one client.
+func localCapabilities() *mqtt.Capabilities {
+	c := mqtt.NewDefaultServerCapabilities()
+	c.MaximumInflight = 65535
+	c.MaximumClientWritesPending = 65536
+	c.ReceiveMaximum = 1024
+	c.MaximumSessionExpiryInterval = 24 * 60 * 60
+	return c
+}
+
+func listen(i int, raw string, tlsConf *tls.Config) (listeners.Listener, net.Addr, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, nil, fmt.Errorf("proxy: listen[%d] %q: %w", i, raw, err)
+	}
+	id := fmt.Sprintf("listen-%d", i)
+	switch u.Scheme {
+	case "tcp", "mqtt", "ssl", "tls", "mqtts":
+		nl, err := net.Listen("tcp", u.Host)
+		if err != nil {
+			return nil, nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, raw, err)
+		}
+		if u.Scheme != "tcp" && u.Scheme != "mqtt" {
+			if tlsConf == nil {
+				nl.Close()
+				return nil, nil, fmt.Errorf("proxy: listen[%d] %s: TLS listener without a certificate (sidecar.listen_tls)", i, raw)
+			}
+			nl = tls.NewListener(nl, tlsConf)
+		}
+		return listeners.NewNet(id, nl), nl.Addr(), nil
+	case "ws":
+		addr, err := net.ResolveTCPAddr("tcp", u.Host)
+		if err != nil {
+			return nil, nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, raw, err)
+		}
+		return listeners.NewWebsocket(listeners.Config{ID: id, Address: u.Host}), addr, nil
+	case "unix":
+		path := u.Path
+		if path == "" {
+			path = u.Opaque
+		}
+		_ = os.Remove(path)
+		return listeners.NewUnixSock(listeners.Config{ID: id, Address: path}), &net.UnixAddr{Name: path, Net: "unix"}, nil
+	}
+	return nil, nil, fmt.Errorf("proxy: listen[%d] %q: unsupported scheme %q (want tcp, ssl, ws or unix)", i, raw, u.Scheme)
+}
+
+// Start serves local clients, connects upstream (retrying in the
+// background) and starts the outbound sender and inbound worker.
+func (sc *Sidecar) Start() error {
+	if err := sc.server.Serve(); err != nil {
+		return fmt.Errorf("proxy: local broker: %w", err)
+	}
+	sc.wg.Add(2)
+	go func() { defer sc.wg.Done(); sc.runSender(sc.ctx) }()
+	go func() { defer sc.wg.Done(); sc.runInbound(sc.ctx) }()
+	sc.bridge.connect()
+	return nil
+}
+
+// Addrs are the local listeners' addresses, in the order of Options.Listen.
+func (sc *Sidecar) Addrs() []net.Addr { return sc.addrs }
+
+// Connected reports whether the upstream connection is up.
+func (sc *Sidecar) Connected() bool { return sc.bridge.connected() }
+
+// WaitConnected waits until upstream is connected.
+func (sc *Sidecar) WaitConnected(ctx context.Context) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for !sc.bridge.connected() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("upstream %s not connected: %w", sc.opts.Upstream.URL, ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// Metrics exposes the sidecar's counters.
+func (sc *Sidecar) Metrics() *Metrics { return sc.metrics }
+
+// QueueLen is the number of QoS 1/2 messages not yet acknowledged upstream.
+func (sc *Sidecar) QueueLen() int { return sc.queue.Len() }
+
+// MirroredFilters lists the filters subscribed upstream.
+func (sc *Sidecar) MirroredFilters() []string {
+	var out []string
+	for _, c := range sc.mirror.all() {
+		out = append(out, c.filter)
+	}
+	return out
+}
+
+// Close stops the sidecar: local clients are disconnected, the outbound
+// queue is given up to drain (bounded by ctx), and the stores are closed.
+// Whatever is still queued is sent after the next start.
+func (sc *Sidecar) Close(ctx context.Context) error {
+	sc.closeOnce.Do(func() {
+		_ = sc.server.Close() // no new local publishes
+		t := time.NewTicker(10 * time.Millisecond)
+	drain:
+		for sc.queue.Len() > 0 && sc.bridge.connected() {
+			select {
+			case <-ctx.Done():
+				break drain
+			case <-t.C:
+			}
+		}
+		t.Stop()
+		sc.cancel()
+		sc.bridge.disconnect(100 * time.Millisecond)
+		sc.wg.Wait()
+		sc.closeErr = sc.closeStores()
+	})
+	return sc.closeErr
+}
+
+func (sc *Sidecar) closeStores() error {
+	err := sc.queue.Close()
+	if e := sc.state.close(); err == nil {
+		err = e
+	}
+	return err
+}
+
+func (sc *Sidecar) onUpstreamConnect() {
+	sc.metrics.Connected.Set(1)
+	sc.metrics.Reconnects.Inc()
+	sc.log.Info("upstream connected", "url", sc.opts.Upstream.URL, "filters", sc.mirror.len())
+	go func() {
+		for _, c := range sc.mirror.all() {
+			if err := sc.bridge.subscribe(c.filter, c.qos); err != nil {
+				sc.log.Warn("re-subscribing upstream failed", "filter", c.filter, "error", err)
+			}
+		}
+	}()
+}
+
+func (sc *Sidecar) onUpstreamLost(err error) {
+	sc.metrics.Connected.Set(0)
+	sc.log.Warn("upstream connection lost; reconnecting", "url", sc.opts.Upstream.URL, "error", err)
+}
+
+func (sc *Sidecar) mirrorAdd(client, filter string, qos byte) {
+	c, changed := sc.mirror.add(client, filter, qos)
+	sc.metrics.Subscribed.Set(float64(sc.mirror.len()))
+	if !changed {
+		if isShared(filter) {
+			return
+		}
+		// Subscribe again anyway: upstream then re-sends the filter's
+		// retained messages for this new local subscription.
+		c = sc.mirror.get(filter)
+	}
+	// Subscribing synchronously keeps the local SUBACK after the upstream
+	// SUBACK, so an application that subscribes and then expects messages
+	// published afterwards by others gets them.
+	err := sc.bridge.subscribe(c.filter, c.qos)
+	if err != nil {
+		sc.log.Warn("subscribing upstream failed; will retry on reconnect", "filter", filter, "error", err)
+	}
+}
+
+func (sc *Sidecar) mirrorRemove(client, filter string) {
+	c, ok := sc.mirror.remove(client, filter)
+	sc.metrics.Subscribed.Set(float64(sc.mirror.len()))
+	if !ok {
+		return
+	}
+	go func() {
+		if err := sc.bridge.unsubscribe(c.filter); err != nil {
+			sc.log.Debug("unsubscribing upstream failed", "filter", filter, "error", err)
+		}
+	}()
+}
+
+// limitedWarn logs a security or loss event at WARN at most once a second
+// per kind, so a flood cannot fill a disk; the counters count every one.
+func (sc *Sidecar) limitedWarn(kind, msg string, args ...any) {
+	now := time.Now()
+	sc.warnMu.Lock()
+	last := sc.warnLast[kind]
+	ok := now.Sub(last) >= time.Second
+	if ok {
+		sc.warnLast[kind] = now
+	}
+	sc.warnMu.Unlock()
+	if ok {
+		sc.log.Warn(msg, args...)
+	}
+}
+
+func constantTimeEqual(a, b string) bool {
+	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+}
+
+// levelFilter passes only records at or above min (mochi logs chatty INFO).
+type levelFilter struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (l levelFilter) Enabled(ctx context.Context, lv slog.Level) bool {
+	return lv >= l.min && l.Handler.Enabled(ctx, lv)
+}

@@ -1,0 +1,116 @@
+package proxy_test
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/smqtt/smqtt/internal/faultnet"
+	"github.com/smqtt/smqtt/internal/mosquitto"
+	"github.com/smqtt/smqtt/proxy"
+)
+
+// streamThroughFaults sends n QoS 1 messages from an app on sidecar A to an
+// app on sidecar B while the sidecars' upstream connections are cut, twice,
+// and the upstream broker restarts (with persistence) in between, and checks
+// that every message arrives exactly once and in order.
+func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int) {
+	r := newRig(t, up)
+	relayA, err := faultnet.New(upAddr)
+	must(t, err)
+	t.Cleanup(func() { relayA.Close() })
+	relayB, err := faultnet.New(upAddr)
+	must(t, err)
+	t.Cleanup(func() { relayB.Close() })
+	via := func(relay *faultnet.Relay) sidecarOpt {
+		return func(o *proxy.Options) { o.Upstream.URL = relay.URL() }
+	}
+	a := r.sidecar(uniq("stream-a"), "", via(relayA))
+	b := r.sidecar(uniq("stream-b"), "", via(relayB))
+	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
+	must(t, sub.Subscribe("secure/stream", 1))
+
+	faults := map[int]func(){
+		n / 5:      func() { t.Logf("cut %d+%d upstream connections", relayA.Cut(), relayB.Cut()) },
+		n / 2:      func() { must(t, up.Restart()); t.Log("upstream restarted") },
+		n * 7 / 10: func() { t.Logf("cut %d+%d upstream connections", relayA.Cut(), relayB.Cut()) },
+	}
+	toks := make([]paho.Token, 0, n)
+	for i := 1; i <= n; i++ {
+		toks = append(toks, pub.Client.Publish("secure/stream", 1, false, []byte(strconv.Itoa(i))))
+		if f := faults[i]; f != nil {
+			f()
+		}
+	}
+	for i, tok := range toks {
+		if !tok.WaitTimeout(60*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish %d not acknowledged by sidecar A: %v", i+1, tok.Error())
+		}
+	}
+	var got []int
+	deadline := time.After(60 * time.Second)
+	for len(got) < n {
+		select {
+		case m := <-sub.Inbox:
+			v, err := strconv.Atoi(string(m.Payload))
+			if err != nil {
+				t.Fatalf("garbled payload %q", m.Payload)
+			}
+			got = append(got, v)
+		case <-deadline:
+			t.Fatalf("only %d of %d messages arrived; sidecar A queue holds %d; drops at B %v, messages A %v B %v; %s", len(got), n, a.QueueLen(), b.DropCounts(), a.MessageCounts(), b.MessageCounts(), orderReport(got))
+		}
+	}
+	if r := orderReport(got); r != "" {
+		t.Fatal(r)
+	}
+	expectNone(t, sub, time.Second)
+	t.Logf("%d messages, none lost, none duplicated, in order; drops at B: %s", n, dropSummary(b))
+}
+
+// orderReport describes how got differs from 1, 2, 3, ...: "" when it does
+// not.
+func orderReport(got []int) string {
+	var out []string
+	seen := map[int]int{}
+	for i, v := range got {
+		seen[v]++
+		if v != i+1 && len(out) < 10 {
+			out = append(out, fmt.Sprintf("#%d is %d", i+1, v))
+		}
+	}
+	dups := 0
+	for _, c := range seen {
+		if c > 1 {
+			dups += c - 1
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("out of order or duplicated (%d duplicates, %d distinct): %s", dups, len(seen), strings.Join(out, ", "))
+}
+
+func dropSummary(sc *proxy.Sidecar) string {
+	return fmt.Sprint(sc.DropCounts())
+}
+
+// The stream is proven against Mosquitto. Against the embedded mochi broker
+// (2.7.9) messages go missing under the same cuts even with no sidecar at
+// all (a plain paho publisher and subscriber lost 1 to 2 of 10,000), and its
+// bbolt store neither keeps every queued message across a restart nor
+// forgets acknowledged ones; it remains the e2e suite's upstream but cannot
+// be the reference for zero loss.
+func TestStreamThroughCutsAndRestartMosquitto(t *testing.T) {
+	if _, ok := mosquitto.Available(); !ok {
+		t.Skip("mosquitto not installed (.ci/run installs it)")
+	}
+	m, err := mosquitto.Start(t.TempDir())
+	must(t, err)
+	t.Cleanup(func() { m.Close() })
+	streamThroughFaults(t, m, m.Addr(), 10000)
+}
