@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/smqtt/smqtt/envelope"
 )
@@ -26,12 +27,19 @@ const StaticEpoch uint32 = 1
 // not send the message in clear (fail closed).
 var ErrNoKey = errors.New("no group key")
 
+// ErrStale means no signed heartbeat from the key server arrived within
+// max_staleness: the key may have been replaced without this sidecar.
+var ErrStale = errors.New("key freshness expired: no heartbeat from the key server")
+
 // Ring holds the group keys of one sidecar process. It is safe for
 // concurrent use.
 type Ring struct {
 	mu      sync.RWMutex
 	sealers map[string]*envelope.Sealer              // group -> current sending sealer
 	keys    map[string]map[uint32]*envelope.GroupKey // group -> epoch -> key (receive side)
+	senders map[string]uint64                        // group -> this process's sender id
+	fresh   map[string]time.Time                     // group -> seal only until (key server mode)
+	now     func() time.Time
 }
 
 // NewRing returns an empty ring.
@@ -39,6 +47,9 @@ func NewRing() *Ring {
 	return &Ring{
 		sealers: make(map[string]*envelope.Sealer),
 		keys:    make(map[string]map[uint32]*envelope.GroupKey),
+		senders: make(map[string]uint64),
+		fresh:   make(map[string]time.Time),
+		now:     time.Now,
 	}
 }
 
@@ -64,6 +75,7 @@ func (r *Ring) Install(group string, epoch uint32, key envelope.GroupKey, sender
 		r.keys[group] = make(map[uint32]*envelope.GroupKey)
 	}
 	r.keys[group][epoch] = &k
+	r.senders[group] = sender
 	if send {
 		s, err := envelope.NewSealer(group, epoch, &k, sender)
 		if err != nil {
@@ -72,6 +84,46 @@ func (r *Ring) Install(group string, epoch uint32, key envelope.GroupKey, sender
 		r.sealers[group] = s
 	}
 	return nil
+}
+
+// Activate makes an installed epoch the one the ring seals with, under the
+// group's current sender id (sequence numbers start again at 1: the
+// per-sender subkey is new with the epoch).
+func (r *Ring) Activate(group string, epoch uint32) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k, ok := r.keys[group][epoch]
+	if !ok {
+		return fmt.Errorf("%w for group %q epoch %d", ErrNoKey, group, epoch)
+	}
+	if s := r.sealers[group]; s != nil && s.Epoch() == epoch {
+		return nil
+	}
+	s, err := envelope.NewSealer(group, epoch, k, r.senders[group])
+	if err != nil {
+		return fmt.Errorf("keyclient: group %q epoch %d: %w", group, epoch, err)
+	}
+	r.sealers[group] = s
+	return nil
+}
+
+// SendEpoch returns the epoch the ring seals a group with, if any.
+func (r *Ring) SendEpoch(group string) (uint32, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if s := r.sealers[group]; s != nil {
+		return s.Epoch(), true
+	}
+	return 0, false
+}
+
+// FreshUntil makes the ring refuse to seal for group after t: a key server
+// whose signed heartbeats stop arriving may have rekeyed without us (a
+// broker can hide a rekey), so sealing stops (fail closed).
+func (r *Ring) FreshUntil(group string, t time.Time) {
+	r.mu.Lock()
+	r.fresh[group] = t
+	r.mu.Unlock()
 }
 
 // Retire forgets the key of (group, epoch): messages under it can no longer
@@ -91,9 +143,13 @@ func (r *Ring) Retire(group string, epoch uint32) {
 func (r *Ring) Sealer(group string) (*envelope.Sealer, error) {
 	r.mu.RLock()
 	s := r.sealers[group]
+	until, bounded := r.fresh[group]
 	r.mu.RUnlock()
 	if s == nil {
 		return nil, fmt.Errorf("%w for group %q", ErrNoKey, group)
+	}
+	if bounded && r.now().After(until) {
+		return nil, fmt.Errorf("%w for group %q: %w", ErrNoKey, group, ErrStale)
 	}
 	return s, nil
 }

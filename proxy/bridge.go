@@ -14,20 +14,12 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/smqtt/smqtt/internal/mqttconn"
 )
 
 // UpstreamOptions say how to reach the untrusted upstream broker.
-type UpstreamOptions struct {
-	URL            string // tcp://, ssl://, ws://, wss:// (anything paho accepts)
-	ClientID       string // stable, so that upstream keeps this sidecar's session
-	Username       string
-	Password       string
-	TLS            *tls.Config
-	KeepAlive      time.Duration // default 30s
-	ConnectTimeout time.Duration // default 10s
-	// MaxReconnectInterval caps paho's reconnect back-off (default 2s).
-	MaxReconnectInterval time.Duration
-}
+type UpstreamOptions = mqttconn.Options
 
 // maxInflight bounds the QoS 1/2 messages sent upstream and not yet
 // acknowledged. Receivers' replay windows (envelope.WindowSize) are at least
@@ -73,32 +65,12 @@ func newBridge(opts UpstreamOptions, log *slog.Logger, onAck func(recordID uint6
 		b.cond.Broadcast()
 		b.mu.Unlock()
 	}
-	keepAlive := opts.KeepAlive
-	if keepAlive <= 0 {
-		keepAlive = 30 * time.Second
-	}
-	connectTimeout := opts.ConnectTimeout
-	if connectTimeout <= 0 {
-		connectTimeout = 10 * time.Second
-	}
-	maxBackoff := opts.MaxReconnectInterval
-	if maxBackoff <= 0 {
-		maxBackoff = 2 * time.Second
-	}
-	o := paho.NewClientOptions().
-		AddBroker(opts.URL).
-		SetClientID(opts.ClientID).
-		SetUsername(opts.Username).
-		SetPassword(opts.Password).
+	o := opts.Paho(opts.ClientID).
 		SetCleanSession(false). // upstream keeps what it queued for us across cuts
 		SetResumeSubs(false).   // the mirror re-subscribes everything on connect
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
 		SetConnectRetryInterval(250 * time.Millisecond).
-		SetMaxReconnectInterval(maxBackoff).
-		SetKeepAlive(keepAlive).
-		SetPingTimeout(keepAlive / 2).
-		SetConnectTimeout(connectTimeout).
 		SetWriteTimeout(writeTimeout).
 		SetOrderMatters(true).
 		SetAutoAckDisabled(true). // acknowledge upstream only once the message's replay state is stored
@@ -129,9 +101,6 @@ func newBridge(opts UpstreamOptions, log *slog.Logger, onAck func(recordID uint6
 			onConnect()
 		}).
 		SetConnectionLostHandler(func(_ paho.Client, err error) { onLost(err) })
-	if opts.TLS != nil {
-		o.SetTLSConfig(opts.TLS)
-	}
 	b.client = paho.NewClient(o)
 	return b
 }

@@ -19,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/smqtt/smqtt/envelope"
 	"github.com/smqtt/smqtt/proxy/queue"
@@ -51,6 +52,9 @@ func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []b
 		return m, nil
 	}
 	sealer, err := sc.keys.Sealer(group)
+	if err != nil && qos > 0 && sc.opts.NoKeyWait > 0 {
+		sealer, err = sc.waitSealer(group)
+	}
 	if err != nil {
 		sc.metrics.drop("out", DropNoKey)
 		sc.log.Warn("no key for protected topic: message refused", "topic", topic, "group", group, "error", err)
@@ -67,6 +71,23 @@ func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []b
 	}
 	m.payload, m.protected = sealed, true
 	return m, nil
+}
+
+// waitSealer waits, bounded by NoKeyWait, for a group key to seal with (a
+// join or an activation in progress); the publishing application waits too.
+func (sc *Sidecar) waitSealer(group string) (*envelope.Sealer, error) {
+	deadline := time.Now().Add(sc.opts.NoKeyWait)
+	for {
+		s, err := sc.keys.Sealer(group)
+		if err == nil || time.Now().After(deadline) {
+			return s, err
+		}
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-sc.ctx.Done():
+			return nil, err
+		}
+	}
 }
 
 // sendOutbound queues or sends one sealed message; it blocks while the

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"fmt"
+	"strings"
+	"sync/atomic"
 
 	"github.com/smqtt/smqtt/config"
 )
@@ -12,31 +14,77 @@ type Rule struct {
 	Group   string
 }
 
-// Policy maps topics to the group whose key protects them: the first rule
-// with a matching filter wins. A topic no rule matches is unprotected.
+// Policy maps topics to the group whose key protects them. It is the union
+// of the sidecar's own protect rules and the key server's signed topic
+// policy: the local rules are looked at first (first matching rule wins),
+// then the key server's. A key-server filter for a group this sidecar does
+// not belong to still protects its topics: they are refused outbound and
+// dropped inbound, never relayed in clear. A topic no rule matches is
+// unprotected.
 type Policy struct {
-	rules []Rule
+	local  []Rule
+	server atomic.Pointer[[]Rule]
 }
 
 // NewPolicy checks the rules' filters and returns the policy.
 func NewPolicy(rules []Rule) (*Policy, error) {
+	if err := checkRules(rules, "protect"); err != nil {
+		return nil, err
+	}
+	p := &Policy{local: append([]Rule(nil), rules...)}
+	p.server.Store(&[]Rule{})
+	return p, nil
+}
+
+func checkRules(rules []Rule, what string) error {
 	for i, r := range rules {
 		if r.Group == "" {
-			return nil, fmt.Errorf("proxy: protect[%d]: empty group", i)
+			return fmt.Errorf("proxy: %s[%d]: empty group", what, i)
 		}
 		for j, f := range r.Filters {
 			if err := config.ValidFilter(f); err != nil {
-				return nil, fmt.Errorf("proxy: protect[%d].topics[%d]: %w", i, j, err)
+				return fmt.Errorf("proxy: %s[%d].topics[%d]: %w", what, i, j, err)
 			}
 		}
 	}
-	return &Policy{rules: append([]Rule(nil), rules...)}, nil
+	return nil
+}
+
+// SetServerPolicy installs the key server's topic policy. Rules name groups
+// as the sidecar knows them (a group it does not belong to may carry any
+// name that is not one of its own). A local rule whose filter overlaps a
+// server filter of another group is an error: the policy is not installed.
+func (p *Policy) SetServerPolicy(rules []Rule) error {
+	if err := checkRules(rules, "key server policy"); err != nil {
+		return err
+	}
+	for _, l := range p.local {
+		for _, lf := range l.Filters {
+			for _, s := range rules {
+				for _, sf := range s.Filters {
+					if s.Group != l.Group && FiltersOverlap(lf, sf) {
+						return fmt.Errorf("sidecar.protect: topic filter %q maps to group %q, but the key server's policy maps %q to another group", lf, l.Group, sf)
+					}
+				}
+			}
+		}
+	}
+	cp := append([]Rule(nil), rules...)
+	p.server.Store(&cp)
+	return nil
 }
 
 // Group returns the group protecting topic, or ok == false when the topic is
 // unprotected.
 func (p *Policy) Group(topic string) (group string, ok bool) {
-	for _, r := range p.rules {
+	if g, ok := match(p.local, topic); ok {
+		return g, true
+	}
+	return match(*p.server.Load(), topic)
+}
+
+func match(rules []Rule, topic string) (string, bool) {
+	for _, r := range rules {
 		for _, f := range r.Filters {
 			if config.MatchFilter(f, topic) {
 				return r.Group, true
@@ -46,15 +94,36 @@ func (p *Policy) Group(topic string) (group string, ok bool) {
 	return "", false
 }
 
-// Groups lists every group the policy names, once each, in rule order.
+// Groups lists every group the local rules name, once each, in rule order.
 func (p *Policy) Groups() []string {
 	var out []string
 	seen := map[string]bool{}
-	for _, r := range p.rules {
+	for _, r := range p.local {
 		if !seen[r.Group] {
 			seen[r.Group] = true
 			out = append(out, r.Group)
 		}
 	}
 	return out
+}
+
+// FiltersOverlap reports whether some topic matches both MQTT filters.
+func FiltersOverlap(a, b string) bool {
+	la, lb := strings.Split(a, "/"), strings.Split(b, "/")
+	for i := 0; ; i++ {
+		switch {
+		case i < len(la) && la[i] == "#", i < len(lb) && lb[i] == "#":
+			return true
+		case i == len(la) && i == len(lb):
+			return true
+		case i == len(la) || i == len(lb):
+			// "a/#" also matches "a": handled above when the longer one
+			// ends in "#" at exactly this level.
+			return i == len(la) && i+1 == len(lb) && lb[i] == "#" || i == len(lb) && i+1 == len(la) && la[i] == "#"
+		case la[i] == "+" || lb[i] == "+" || la[i] == lb[i]:
+			continue
+		default:
+			return false
+		}
+	}
 }

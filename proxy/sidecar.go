@@ -44,6 +44,9 @@ type Options struct {
 	Queue     queue.Options // Dir defaults to DataDir/queue
 	Logger    *slog.Logger
 	Registry  prometheus.Registerer // nil: metrics are kept but not registered
+	// NoKeyWait is how long a QoS 1/2 publish on a protected topic may wait
+	// for a key (a join in progress) before it is refused; 0 refuses at once.
+	NoKeyWait time.Duration
 }
 
 // Sidecar is one running sidecar.
@@ -374,3 +377,7 @@ type levelFilter struct {
 func (l levelFilter) Enabled(ctx context.Context, lv slog.Level) bool {
 	return lv >= l.min && l.Handler.Enabled(ctx, lv)
 }
+
+// SetServerPolicy installs the key server's signed topic policy (see
+// Policy.SetServerPolicy).
+func (sc *Sidecar) SetServerPolicy(rules []Rule) error { return sc.policy.SetServerPolicy(rules) }

@@ -36,6 +36,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"sidecar", "run a sidecar from a config file (-c FILE)", runSidecar},
+		{"keyserver", "run the key server from a config file (-c FILE)", runKeyserver},
 		{"keygen", "write a new identity (-o FILE) or, with --group, a static group key", runKeygen},
 		{"pubkey", "print the public key of an identity file", runPubkey},
 		{"demo", "run broker, sidecars and apps in one process and check no plaintext leaks", runDemo},

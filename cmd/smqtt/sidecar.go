@@ -52,9 +52,6 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	for _, w := range cfg.Warnings() {
 		log.Warn(w)
 	}
-	if cfg.Keyserver != nil {
-		return errors.New("sidecar.keyserver: key-server mode is not available in this build yet; use sidecar.static_keys")
-	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts, err := sidecarOptions(cfg, log, reg)
@@ -64,6 +61,14 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	sc, err := proxy.New(opts)
 	if err != nil {
 		return err
+	}
+	var kc *keyclient.Client
+	if cfg.Keyserver != nil {
+		if kc, err = startKeyClient(cfg, opts, sc, log); err != nil {
+			sc.Close(context.Background())
+			return err
+		}
+		defer kc.Close() // a clean shutdown leaves the groups
 	}
 	if err := sc.Start(); err != nil {
 		return err
@@ -137,19 +142,12 @@ func sidecarOptions(cfg *config.Sidecar, log *slog.Logger, reg prometheus.Regist
 		Listen:    cfg.Listen,
 		ListenTLS: listenTLS,
 		Users:     users,
-		Upstream: proxy.UpstreamOptions{
-			URL:            cfg.Upstream.URL,
-			ClientID:       cfg.Upstream.ClientID,
-			Username:       cfg.Upstream.Username,
-			Password:       cfg.Upstream.Password,
-			TLS:            upTLS,
-			KeepAlive:      cfg.Upstream.Keepalive,
-			ConnectTimeout: cfg.Upstream.ConnectTimeout,
-		},
-		Rules:   rules,
-		Deny:    cfg.Unmatched == config.UnmatchedDeny,
-		Keys:    ring,
-		DataDir: cfg.DataDir,
+		Upstream:  upstreamOptions(cfg.Upstream, upTLS),
+		Rules:     rules,
+		Deny:      cfg.Unmatched == config.UnmatchedDeny,
+		Keys:      ring,
+		NoKeyWait: 5 * time.Second,
+		DataDir:   cfg.DataDir,
 		Queue: queue.Options{
 			MaxMessages:   cfg.Queue.MaxMessages,
 			Sync:          sync,
@@ -158,6 +156,85 @@ func sidecarOptions(cfg *config.Sidecar, log *slog.Logger, reg prometheus.Regist
 		Logger:   log,
 		Registry: reg,
 	}, nil
+}
+
+// startKeyClient joins, through the key server, every protected group that
+// has no static key, and feeds the key server's topic policy to the sidecar.
+func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, log *slog.Logger) (*keyclient.Client, error) {
+	id, err := gkd.LoadIdentity(cfg.Identity)
+	if err != nil {
+		return nil, fmt.Errorf("sidecar.identity: %w", err)
+	}
+	line, err := cfg.Keyserver.Load()
+	if err != nil {
+		return nil, fmt.Errorf("sidecar.keyserver.public_key: %w", err)
+	}
+	serverKey, err := gkd.ParsePublicKey(line)
+	if err != nil {
+		return nil, fmt.Errorf("sidecar.keyserver.public_key: %w", err)
+	}
+	var groups []string
+	seen := map[string]bool{}
+	for _, r := range cfg.Protect {
+		if _, static := cfg.StaticKeys[r.Group]; !static && !seen[r.Group] {
+			seen[r.Group] = true
+			groups = append(groups, r.Group)
+		}
+	}
+	names := map[[8]byte]string{}
+	for _, g := range groups {
+		names[gkd.GroupID(serverKey.RawID(), g)] = g
+	}
+	up := opts.Upstream
+	up.ClientID += "-keys"
+	kc, err := keyclient.NewClient(keyclient.ClientOptions{
+		Identity:     id,
+		Server:       serverKey,
+		Upstream:     up,
+		TopicPrefix:  cfg.Keyserver.TopicPrefix,
+		Groups:       groups,
+		MaxStaleness: cfg.Keyserver.MaxStaleness,
+		Ring:         opts.Keys.(*keyclient.Ring),
+		Logger:       log,
+		OnPolicy: func(p gkd.Policy) {
+			if err := sc.SetServerPolicy(policyRules(p, names)); err != nil {
+				log.Error("the key server's topic policy conflicts with the local protect rules; keeping the previous policy", "error", err)
+				return
+			}
+			log.Info("topic policy from the key server installed", "version", p.Version, "filters", len(p.Entries))
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	kc.Start()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := kc.WaitJoined(ctx); err != nil {
+		if errors.Is(err, keyclient.ErrRefused) {
+			kc.Close()
+			return nil, fmt.Errorf("sidecar.keyserver: %w", err)
+		}
+		log.Warn("groups not joined yet; protected messages wait for their keys", "error", err)
+	}
+	for _, st := range kc.Status() {
+		log.Info("group", "group", st.Group, "joined", st.Joined, "epoch", st.Epoch, "sender", st.Sender)
+	}
+	return kc, nil
+}
+
+// policyRules turns the key server's policy into sidecar rules; groups this
+// sidecar does not belong to get a name no local group can have.
+func policyRules(p gkd.Policy, names map[[8]byte]string) []proxy.Rule {
+	var rules []proxy.Rule
+	for _, e := range p.Entries {
+		name, ok := names[e.Group]
+		if !ok {
+			name = fmt.Sprintf("#%x", e.Group)
+		}
+		rules = append(rules, proxy.Rule{Filters: []string{e.Filter}, Group: name})
+	}
+	return rules
 }
 
 // clientTLS builds the upstream TLS configuration, or nil for plain schemes.

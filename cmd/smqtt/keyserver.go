@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/smqtt/smqtt/config"
+	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/mqttconn"
+	"github.com/smqtt/smqtt/keyserver"
+)
+
+func runKeyserver(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("keyserver", "keyserver -c FILE [--log-format text|json] [--log-level LEVEL]", stderr)
+	cfgPath := fs.String("c", "", "config file (required; the keyserver: section)")
+	newLog := logFlags(fs, stderr, "info")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := newLog()
+	if err != nil {
+		return err
+	}
+	if *cfgPath == "" {
+		return errors.New("-c: missing: name the config file")
+	}
+	opts, cfg, err := loadKeyserver(*cfgPath, log)
+	if err != nil {
+		return err
+	}
+	srv, err := keyserver.New(opts)
+	if err != nil {
+		return err
+	}
+	if err := srv.Start(); err != nil {
+		return err
+	}
+	log.Info("key server started", "public_key_id", opts.Identity.Public().ID(), "groups", len(opts.Groups), "members", len(opts.Members))
+	if cfg.MetricsListen != "" {
+		reg := prometheus.NewRegistry()
+		health := func() error {
+			if !srv.Connected() {
+				return errors.New("upstream not connected")
+			}
+			return nil
+		}
+		m, err := serveMetrics(cfg.MetricsListen, reg, health, log)
+		if err != nil {
+			srv.Close()
+			return err
+		}
+		defer m.Shutdown(context.Background())
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	for s := range sig {
+		if s == syscall.SIGHUP {
+			newOpts, _, err := loadKeyserver(*cfgPath, log)
+			if err == nil {
+				err = srv.Reload(newOpts)
+			}
+			if err != nil {
+				log.Error("reload refused; keeping the running configuration", "error", oneLine(err))
+				continue
+			}
+			log.Info("configuration reloaded")
+			continue
+		}
+		log.Info("shutting down", "signal", s.String())
+		break
+	}
+	return srv.Close()
+}
+
+// loadKeyserver reads and checks the keyserver section and loads every key
+// it names.
+func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Keyserver, error) {
+	f, err := config.Load(path)
+	if err != nil {
+		return keyserver.Options{}, nil, err
+	}
+	cfg, err := f.KeyserverConfig()
+	if err != nil {
+		return keyserver.Options{}, nil, err
+	}
+	for _, w := range cfg.Warnings() {
+		log.Warn(w)
+	}
+	id, err := gkd.LoadIdentity(cfg.Identity)
+	if err != nil {
+		return keyserver.Options{}, nil, fmt.Errorf("keyserver.identity: %w", err)
+	}
+	members := map[string]*gkd.PublicKey{}
+	for i, m := range cfg.Members {
+		line, err := m.Load()
+		if err != nil {
+			return keyserver.Options{}, nil, fmt.Errorf("keyserver.members[%d].public_key: %w", i, err)
+		}
+		pk, err := gkd.ParsePublicKey(line)
+		if err != nil {
+			return keyserver.Options{}, nil, fmt.Errorf("keyserver.members[%d].public_key: %w", i, err)
+		}
+		members[m.Name] = pk
+	}
+	var groups []keyserver.GroupConfig
+	for i, g := range cfg.Groups {
+		if g.Scheme != config.SchemeStatic && g.Scheme != config.SchemeUpdate {
+			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].scheme: %q is not available in this build yet (static, update)", i, g.Scheme)
+		}
+		groups = append(groups, keyserver.GroupConfig{
+			Name: g.Name, Topics: g.Topics, Scheme: string(g.Scheme), Members: g.Members,
+			RekeyBatch: g.RekeyBatch, RekeyLead: g.RekeyLead, SendGrace: g.SendGrace, ReceiveRetention: g.ReceiveRetention,
+		})
+	}
+	upTLS, err := clientTLS(cfg.Upstream)
+	if err != nil {
+		return keyserver.Options{}, nil, err
+	}
+	return keyserver.Options{
+		Identity:    id,
+		Upstream:    upstreamOptions(cfg.Upstream, upTLS),
+		TopicPrefix: cfg.TopicPrefix,
+		StorePath:   cfg.Store,
+		Members:     members,
+		Groups:      groups,
+		Heartbeat:   cfg.Heartbeat,
+		LeaveDelay:  cfg.LeaveDelay,
+		Logger:      log,
+	}, cfg, nil
+}
+
+// upstreamOptions turns an upstream config section into connection options.
+func upstreamOptions(u config.Upstream, t *tls.Config) mqttconn.Options {
+	return mqttconn.Options{
+		URL: u.URL, ClientID: u.ClientID, Username: u.Username, Password: u.Password,
+		TLS: t, KeepAlive: u.Keepalive, ConnectTimeout: u.ConnectTimeout,
+	}
+}

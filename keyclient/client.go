@@ -1,0 +1,547 @@
+package keyclient
+
+// Client: the sidecar's member side of key distribution.
+//
+//  1. Connect to upstream on a connection of its own, with a fresh random
+//     connection id and a Will that is this member's signed leave for it.
+//  2. Register the connection id, subscribe to its unicast topic, its
+//     groups' broadcast topics and the key server's policy topic.
+//  3. Join every group (a fresh nonce each time; only a response echoing it
+//     installs key material), and from then on accept rekeys and heartbeats
+//     only with strictly increasing per-group counters.
+//  4. Rekeys install the new epoch for opening at once and switch sealing at
+//     activate_at; the previous epoch is retired at prev_open_until.
+//  5. No verified heartbeat for max_staleness: sealing stops (fail closed).
+//  6. Connection lost: start again at 1 with a new connection id.
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/mqttconn"
+)
+
+// ClientOptions configure a key Client.
+type ClientOptions struct {
+	Identity     *gkd.Identity
+	Server       *gkd.PublicKey // the pinned key server
+	Upstream     mqttconn.Options
+	TopicPrefix  string        // default smqtt/v1
+	Groups       []string      // the groups to join
+	MaxStaleness time.Duration // default 60s
+	JoinRetry    time.Duration // resend an unanswered join after this (default 3s)
+	Ring         *Ring
+	Logger       *slog.Logger
+	// OnPolicy receives each newer verified topic policy.
+	OnPolicy func(gkd.Policy)
+}
+
+// ErrRefused wraps a key server's signed refusal.
+var ErrRefused = errors.New("refused by the key server")
+
+// GroupStatus is what the client knows of one group.
+type GroupStatus struct {
+	Group     string
+	Joined    bool
+	Epoch     uint32
+	Sender    uint64
+	LastRekey time.Time
+	LastBeat  time.Time
+	Refused   string
+}
+
+// Client joins groups and keeps their keys in a Ring.
+type Client struct {
+	opts   ClientOptions
+	log    *slog.Logger
+	me     [8]byte
+	server [8]byte
+	gids   map[[8]byte]string
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	conn    paho.Client
+	connID  [16]byte
+	joins   map[[16]byte]string // outstanding join nonce -> group
+	state   map[string]*groupState
+	policyV uint64
+	closed  bool
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+type groupState struct {
+	joined    bool
+	counter   uint64
+	epoch     uint32
+	sender    uint64
+	lastRekey time.Time
+	lastBeat  time.Time
+	refused   string
+	timers    []*time.Timer
+}
+
+// NewClient prepares a client; Start runs it.
+func NewClient(o ClientOptions) (*Client, error) {
+	if o.Identity == nil || o.Server == nil || o.Ring == nil {
+		return nil, errors.New("keyclient: identity, key server public key and ring are required")
+	}
+	if o.TopicPrefix == "" {
+		o.TopicPrefix = "smqtt/v1"
+	}
+	if o.MaxStaleness <= 0 {
+		o.MaxStaleness = 60 * time.Second
+	}
+	if o.JoinRetry <= 0 {
+		o.JoinRetry = 3 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	c := &Client{
+		opts: o, log: o.Logger,
+		me:     o.Identity.Public().RawID(),
+		server: o.Server.RawID(),
+		gids:   map[[8]byte]string{},
+		joins:  map[[16]byte]string{},
+		state:  map[string]*groupState{},
+		done:   make(chan struct{}),
+	}
+	c.cond = sync.NewCond(&c.mu)
+	for _, g := range o.Groups {
+		c.gids[gkd.GroupID(c.server, g)] = g
+		c.state[g] = &groupState{}
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	return c, nil
+}
+
+// Start runs the client in the background until Close.
+func (c *Client) Start() { go c.run() }
+
+func (c *Client) run() {
+	defer close(c.done)
+	backoff := 100 * time.Millisecond
+	for c.ctx.Err() == nil {
+		lost := make(chan struct{})
+		if err := c.connect(lost); err != nil {
+			c.log.Warn("key client: connecting upstream failed", "error", err)
+			select {
+			case <-time.After(backoff):
+			case <-c.ctx.Done():
+				return
+			}
+			backoff = min(2*backoff, c.opts.Upstream.Backoff())
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		c.joinAll(lost)
+		select {
+		case <-lost:
+		case <-c.ctx.Done():
+			return
+		}
+	}
+}
+
+// connect opens one upstream connection with a fresh connection id and the
+// matching signed Will.
+func (c *Client) connect(lost chan struct{}) error {
+	var connID [16]byte
+	rand.Read(connID[:])
+	will, err := gkd.PlainMessage(c.opts.Identity, c.server, gkd.TypeLeave, gkd.Leave{ConnID: connID, Reason: gkd.LeaveWill})
+	if err != nil {
+		return err
+	}
+	reqTopic := gkd.RequestTopic(c.opts.TopicPrefix, c.server, c.me)
+	var once sync.Once
+	o := c.opts.Upstream.Paho(c.opts.Upstream.ClientID).
+		SetCleanSession(true).
+		SetAutoReconnect(false).
+		SetOrderMatters(true).
+		SetBinaryWill(reqTopic, will, 1, false).
+		SetConnectionLostHandler(func(_ paho.Client, err error) {
+			c.log.Warn("key client lost the upstream connection", "error", err)
+			once.Do(func() { close(lost) })
+		})
+	conn := paho.NewClient(o)
+	tok := conn.Connect()
+	if !tok.WaitTimeout(15*time.Second) || tok.Error() != nil {
+		return fmt.Errorf("connect %s: %v", c.opts.Upstream.URL, tok.Error())
+	}
+	subs := map[string]byte{
+		gkd.MemberTopic(c.opts.TopicPrefix, c.me):     1,
+		gkd.PolicyTopic(c.opts.TopicPrefix, c.server): 1,
+	}
+	for gid := range c.gids {
+		subs[gkd.GroupTopic(c.opts.TopicPrefix, gid)] = 1
+	}
+	st := conn.SubscribeMultiple(subs, func(_ paho.Client, m paho.Message) { c.onMessage(m.Payload()) })
+	if !st.WaitTimeout(10*time.Second) || st.Error() != nil {
+		conn.Disconnect(0)
+		return fmt.Errorf("subscribe: %v", st.Error())
+	}
+	c.mu.Lock()
+	c.conn, c.connID = conn, connID
+	c.mu.Unlock()
+	c.send(gkd.TypeRegister, gkd.Register{ConnID: connID})
+	return nil
+}
+
+// joinAll sends a join for every group and resends unanswered ones.
+func (c *Client) joinAll(lost chan struct{}) {
+	go func() {
+		first := true
+		for {
+			c.mu.Lock()
+			var todo []string
+			for g, st := range c.state {
+				if first || !st.joined && st.refused == "" {
+					todo = append(todo, g)
+				}
+			}
+			c.mu.Unlock()
+			for _, g := range todo {
+				c.join(g)
+			}
+			first = false
+			select {
+			case <-lost:
+				return
+			case <-c.ctx.Done():
+				return
+			case <-time.After(c.opts.JoinRetry):
+			}
+		}
+	}()
+}
+
+func (c *Client) join(group string) {
+	msg, nonce, err := c.build(gkd.TypeJoinRequest, gkd.JoinRequest{Group: gkd.GroupID(c.server, group), ConnID: c.currentConnID()})
+	if err != nil {
+		c.log.Error("building a join request failed", "group", group, "error", err)
+		return
+	}
+	c.mu.Lock()
+	c.joins[nonce] = group
+	conn := c.conn
+	c.mu.Unlock()
+	if conn != nil {
+		conn.Publish(gkd.RequestTopic(c.opts.TopicPrefix, c.server, c.me), 1, false, msg)
+	}
+}
+
+func (c *Client) currentConnID() [16]byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.connID
+}
+
+func (c *Client) build(typ gkd.MsgType, body interface{ MarshalBinary() ([]byte, error) }) ([]byte, [16]byte, error) {
+	msg, err := gkd.PlainMessage(c.opts.Identity, c.server, typ, body)
+	if err != nil {
+		return nil, [16]byte{}, err
+	}
+	parsed, err := gkd.Parse(msg)
+	if err != nil {
+		return nil, [16]byte{}, err
+	}
+	return msg, parsed.Nonce, nil
+}
+
+func (c *Client) send(typ gkd.MsgType, body interface{ MarshalBinary() ([]byte, error) }) {
+	msg, _, err := c.build(typ, body)
+	if err != nil {
+		return
+	}
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	if conn != nil {
+		conn.Publish(gkd.RequestTopic(c.opts.TopicPrefix, c.server, c.me), 1, false, msg)
+	}
+}
+
+// onMessage handles one message from the key server. Only messages signed
+// by the pinned key server are looked at further.
+func (c *Client) onMessage(raw []byte) {
+	msg, err := gkd.Parse(raw)
+	if err != nil {
+		c.log.Warn("dropped a malformed key-distribution message", "error", err)
+		return
+	}
+	if msg.Sender != c.server {
+		c.log.Warn("dropped a key-distribution message not from the pinned key server", "sender", fmt.Sprintf("%x", msg.Sender))
+		return
+	}
+	if err := msg.Verify(c.opts.Server); err != nil {
+		c.log.Warn("dropped a forged key-distribution message", "type", msg.Type, "error", err)
+		return
+	}
+	if msg.Recipient != c.me && msg.Recipient != ([8]byte{}) {
+		return
+	}
+	switch msg.Type {
+	case gkd.TypeJoinResponse:
+		c.onJoinResponse(msg)
+	case gkd.TypeRefusal:
+		c.onRefusal(msg)
+	case gkd.TypeRekey:
+		c.onRekey(msg)
+	case gkd.TypeHeartbeat:
+		c.onHeartbeat(msg)
+	case gkd.TypeChallenge:
+		ch, err := gkd.ParseChallenge(msg.Body)
+		if err == nil {
+			c.send(gkd.TypeChallengeResponse, gkd.ChallengeResponse{Value: ch.Value})
+		}
+	case gkd.TypePolicy:
+		p, err := gkd.ParsePolicy(msg.Body)
+		if err != nil {
+			return
+		}
+		c.mu.Lock()
+		newer := p.Version > c.policyV || c.policyV == 0
+		if newer {
+			c.policyV = p.Version
+		}
+		c.mu.Unlock()
+		if newer && c.opts.OnPolicy != nil {
+			c.opts.OnPolicy(p)
+		}
+	}
+}
+
+func (c *Client) onJoinResponse(msg *gkd.Message) {
+	if msg.Recipient != c.me {
+		return
+	}
+	plain, err := c.opts.Identity.OpenBody(msg)
+	if err != nil {
+		c.log.Warn("dropped a join response that does not open", "error", err)
+		return
+	}
+	r, err := gkd.ParseJoinResponse(plain)
+	if err != nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	group, ok := c.joins[r.RequestNonce]
+	if !ok || c.gids[r.Group] != group {
+		c.log.Warn("dropped a join response that answers no request of this process", "group", c.gids[r.Group])
+		return
+	}
+	for n, g := range c.joins {
+		if g == group {
+			delete(c.joins, n)
+		}
+	}
+	st := c.state[group]
+	if err := c.opts.Ring.Install(group, r.Epoch, envelope.GroupKey(r.Key), r.Sender, !time.Now().Before(r.ActivateAt)); err != nil {
+		c.log.Error("installing a group key failed", "group", group, "error", err)
+		return
+	}
+	if !r.ActivateAt.IsZero() {
+		c.activateAtLocked(st, group, r.Epoch, r.ActivateAt)
+	}
+	st.joined, st.refused = true, ""
+	st.counter, st.epoch, st.sender = r.Counter, r.Epoch, r.Sender
+	st.lastRekey = time.Now()
+	c.freshLocked(st, group)
+	c.cond.Broadcast()
+	c.log.Info("joined group", "group", group, "epoch", r.Epoch, "sender", r.Sender)
+}
+
+func (c *Client) onRefusal(msg *gkd.Message) {
+	r, err := gkd.ParseRefusal(msg.Body)
+	if err != nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	group, ok := c.joins[r.RequestNonce]
+	if !ok {
+		return
+	}
+	delete(c.joins, r.RequestNonce)
+	c.state[group].refused = r.Reason
+	c.cond.Broadcast()
+	c.log.Error("the key server refused to admit this sidecar to a group", "group", group, "reason", r.Reason)
+}
+
+func (c *Client) onRekey(msg *gkd.Message) {
+	if msg.Recipient != c.me {
+		return
+	}
+	plain, err := c.opts.Identity.OpenBody(msg)
+	if err != nil {
+		c.log.Warn("dropped a rekey that does not open", "error", err)
+		return
+	}
+	r, err := gkd.ParseRekey(plain)
+	if err != nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	group, ok := c.gids[r.Group]
+	if !ok {
+		return
+	}
+	st := c.state[group]
+	if !st.joined || r.Counter <= st.counter {
+		c.log.Warn("dropped an old or replayed rekey", "group", group, "counter", r.Counter, "have", st.counter)
+		return
+	}
+	prev := st.epoch
+	if err := c.opts.Ring.Install(group, r.Epoch, envelope.GroupKey(r.Key), st.sender, false); err != nil {
+		c.log.Error("installing a rekey failed", "group", group, "error", err)
+		return
+	}
+	st.counter, st.epoch, st.lastRekey = r.Counter, r.Epoch, time.Now()
+	c.activateAtLocked(st, group, r.Epoch, r.ActivateAt)
+	if prev != 0 && prev != r.Epoch {
+		ring := c.opts.Ring
+		st.timers = append(st.timers, time.AfterFunc(time.Until(r.PrevOpenUntil), func() { ring.Retire(group, prev) }))
+	}
+	c.freshLocked(st, group)
+	c.log.Info("rekeyed", "group", group, "epoch", r.Epoch, "activate_at", r.ActivateAt)
+	go c.send(gkd.TypeRekeyAck, gkd.RekeyAck{Group: r.Group, Epoch: r.Epoch, Counter: r.Counter})
+}
+
+// activateAtLocked switches sealing to epoch at the given time.
+func (c *Client) activateAtLocked(st *groupState, group string, epoch uint32, at time.Time) {
+	ring := c.opts.Ring
+	st.timers = append(st.timers, time.AfterFunc(time.Until(at), func() {
+		if err := ring.Activate(group, epoch); err != nil {
+			c.log.Warn("activating an epoch failed", "group", group, "epoch", epoch, "error", err)
+		}
+	}))
+}
+
+func (c *Client) onHeartbeat(msg *gkd.Message) {
+	h, err := gkd.ParseHeartbeat(msg.Body)
+	if err != nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	group, ok := c.gids[h.Group]
+	if !ok {
+		return
+	}
+	st := c.state[group]
+	if !st.joined || h.Counter <= st.counter {
+		return
+	}
+	st.counter = h.Counter
+	st.lastBeat = time.Now()
+	c.freshLocked(st, group)
+	if h.Epoch != st.epoch {
+		// A rekey this member never got (lost, or hidden by the broker):
+		// join again for the current key.
+		c.log.Warn("heartbeat names an epoch this sidecar lacks: rejoining", "group", group, "epoch", h.Epoch, "have", st.epoch)
+		st.joined = false
+		go c.join(group)
+	}
+}
+
+func (c *Client) freshLocked(st *groupState, group string) {
+	c.opts.Ring.FreshUntil(group, time.Now().Add(c.opts.MaxStaleness))
+}
+
+// WaitJoined waits until every group is joined, or one was refused.
+func (c *Client) WaitJoined(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	defer stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		all := true
+		for g, st := range c.state {
+			if st.refused != "" {
+				return fmt.Errorf("group %q: %w: %s", g, ErrRefused, st.refused)
+			}
+			all = all && st.joined
+		}
+		if all {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("joining groups: %w", err)
+		}
+		c.cond.Wait()
+	}
+}
+
+// Status reports each group's state, for logs and health checks.
+func (c *Client) Status() []GroupStatus {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []GroupStatus
+	for _, g := range c.opts.Groups {
+		st := c.state[g]
+		out = append(out, GroupStatus{Group: g, Joined: st.joined, Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused})
+	}
+	return out
+}
+
+// Abandon stops the client as a crash would: no leave is sent and the
+// connection is not closed cleanly (tests cut it underneath first, so the
+// broker publishes the Will).
+func (c *Client) Abandon() {
+	c.mu.Lock()
+	c.closed = true
+	for _, st := range c.state {
+		for _, t := range st.timers {
+			t.Stop()
+		}
+	}
+	c.mu.Unlock()
+	c.cancel()
+	<-c.done
+}
+
+// Close leaves every group (a clean shutdown is a leave) and disconnects.
+func (c *Client) Close() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	for _, st := range c.state {
+		for _, t := range st.timers {
+			t.Stop()
+		}
+	}
+	conn := c.conn
+	c.mu.Unlock()
+	if conn != nil && conn.IsConnectionOpen() {
+		msg, _, err := c.build(gkd.TypeLeave, gkd.Leave{ConnID: c.currentConnID(), Reason: gkd.LeaveShutdown})
+		if err == nil {
+			conn.Publish(gkd.RequestTopic(c.opts.TopicPrefix, c.server, c.me), 1, false, msg).WaitTimeout(2 * time.Second)
+		}
+	}
+	c.cancel()
+	if conn != nil {
+		conn.Disconnect(100) // a clean DISCONNECT: the broker discards the Will
+	}
+	<-c.done
+}

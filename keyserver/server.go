@@ -1,0 +1,706 @@
+// Package keyserver is the smqtt key server: it admits members to groups by
+// their identities and its configuration, hands out group keys, and rekeys
+// groups when members join, leave, crash or are revoked. Every message
+// travels over MQTT through the (untrusted) upstream broker, signed by its
+// sender and, when it carries key material, sealed to its recipient with
+// HPKE (docs/PROTOCOL.md, section 2).
+//
+// Schemes: static (one key for the group's life) and update (a new epoch key
+// on every batched change, sent to each remaining member: forward and
+// backward secrecy).
+package keyserver
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/mqttconn"
+)
+
+// GroupConfig is one group of the configuration.
+type GroupConfig struct {
+	Name             string
+	Topics           []string
+	Scheme           string // "static" or "update"
+	Members          []string
+	RekeyBatch       time.Duration // gather changes this long, then rekey once
+	RekeyLead        time.Duration // activate_at = now + RekeyLead
+	SendGrace        time.Duration
+	ReceiveRetention time.Duration
+}
+
+// Options configure a Server.
+type Options struct {
+	Identity    *gkd.Identity
+	Upstream    mqttconn.Options
+	TopicPrefix string
+	StorePath   string
+	Members     map[string]*gkd.PublicKey // name -> identity
+	Groups      []GroupConfig
+	Heartbeat   time.Duration // default 10s
+	LeaveDelay  time.Duration // suspension after a Will, default 30s
+	// RequestWindow is how far a request's timestamp may be from the
+	// server's clock (default 2 min); requests are remembered that long.
+	RequestWindow time.Duration
+	Logger        *slog.Logger
+}
+
+// Server is a running key server.
+type Server struct {
+	opts  Options
+	log   *slog.Logger
+	id    [8]byte
+	store *store
+
+	mu       sync.Mutex
+	client   paho.Client
+	members  map[[8]byte]*member
+	byName   map[string]*member
+	groups   map[[8]byte]*group
+	replay   *gkd.ReplayCache
+	policyV  uint64
+	limits   map[[8]byte]*tokenBucket
+	warned   map[string]time.Time
+	closed   bool
+	timers   sync.WaitGroup
+	stopBeat chan struct{}
+	beatDone chan struct{}
+}
+
+type member struct {
+	name   string
+	pk     *gkd.PublicKey
+	id     [8]byte
+	connID [16]byte
+}
+
+type group struct {
+	cfg     GroupConfig
+	id      [8]byte
+	rec     *groupRecord
+	allowed map[string]bool
+
+	pending   []pendingJoin   // waiting for the next rekey (update)
+	leaving   map[string]bool // to be removed at the next rekey
+	rekeyAt   *time.Timer
+	suspended map[string]*time.Timer // Will received: leave unless the member answers
+	challenge map[string][16]byte
+}
+
+type pendingJoin struct {
+	m     *member
+	nonce [16]byte
+}
+
+// New opens the store and prepares the server; Start connects it.
+func New(opts Options) (*Server, error) {
+	if opts.Identity == nil {
+		return nil, errors.New("keyserver: no identity")
+	}
+	if opts.TopicPrefix == "" {
+		opts.TopicPrefix = "smqtt/v1"
+	}
+	if opts.Heartbeat <= 0 {
+		opts.Heartbeat = 10 * time.Second
+	}
+	if opts.RequestWindow <= 0 {
+		opts.RequestWindow = 2 * time.Minute
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	st, err := openStore(opts.StorePath)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		opts: opts, log: log, store: st,
+		id:     opts.Identity.Public().RawID(),
+		limits: make(map[[8]byte]*tokenBucket),
+		warned: make(map[string]time.Time),
+		replay: gkd.NewReplayCache(opts.RequestWindow, 1<<20),
+	}
+	if blob := st.getMeta(keyReplay); len(blob) > 0 {
+		if err := s.replay.UnmarshalBinary(blob); err != nil {
+			log.Warn("stored anti-replay cache unreadable; starting empty", "error", err)
+		}
+	}
+	if v := st.getMeta(keyPolicy); len(v) == 8 {
+		s.policyV = beUint64(v)
+	}
+	if err := s.configure(opts); err != nil {
+		st.close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// configure (re)builds members and groups from opts, loading or creating
+// each group's state. Called with s.mu held, or before Start.
+func (s *Server) configure(opts Options) error {
+	members := make(map[[8]byte]*member, len(opts.Members))
+	byName := make(map[string]*member, len(opts.Members))
+	for name, pk := range opts.Members {
+		m := &member{name: name, pk: pk, id: pk.RawID()}
+		if old := s.byName[name]; old != nil && old.pk.Equal(pk) {
+			m.connID = old.connID
+		}
+		members[m.id] = m
+		byName[name] = m
+	}
+	groups := make(map[[8]byte]*group, len(opts.Groups))
+	for _, gc := range opts.Groups {
+		gid := gkd.GroupID(s.id, gc.Name)
+		g := s.groups[gid]
+		if g == nil {
+			rec, err := s.store.loadGroup(gc.Name)
+			if err != nil {
+				return err
+			}
+			if rec == nil {
+				rec = &groupRecord{Scheme: gc.Scheme, Epoch: 1, NextSender: 1, Joined: map[string]*joinedMember{}}
+				rec.Key = randomKey()
+				if err := s.store.saveGroup(gc.Name, rec); err != nil {
+					return fmt.Errorf("keyserver: group %q: %w", gc.Name, err)
+				}
+			}
+			if rec.Joined == nil {
+				rec.Joined = map[string]*joinedMember{}
+			}
+			g = &group{id: gid, rec: rec, leaving: map[string]bool{}, suspended: map[string]*time.Timer{}, challenge: map[string][16]byte{}}
+		}
+		g.cfg = gc
+		g.allowed = make(map[string]bool, len(gc.Members))
+		for _, n := range gc.Members {
+			g.allowed[n] = true
+		}
+		groups[gid] = g
+	}
+	s.members, s.byName, s.groups = members, byName, groups
+	return nil
+}
+
+// Start connects to the upstream broker and serves requests.
+func (s *Server) Start() error {
+	o := s.opts.Upstream.Paho(s.opts.Upstream.ClientID).
+		SetCleanSession(true).
+		SetAutoReconnect(true).
+		SetConnectRetry(true).
+		SetConnectRetryInterval(250 * time.Millisecond).
+		SetOrderMatters(true).
+		SetOnConnectHandler(func(c paho.Client) {
+			tok := c.Subscribe(gkd.RequestFilter(s.opts.TopicPrefix, s.id), 1, func(_ paho.Client, m paho.Message) {
+				s.onRequest(m.Payload())
+			})
+			if tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
+				s.log.Info("key server connected", "url", s.opts.Upstream.URL, "id", fmt.Sprintf("%x", s.id), "groups", len(s.groups))
+			} else {
+				s.log.Error("subscribing to requests failed", "error", tok.Error())
+			}
+			s.mu.Lock()
+			s.publishPolicyLocked()
+			s.mu.Unlock()
+		}).
+		SetConnectionLostHandler(func(_ paho.Client, err error) {
+			s.log.Warn("key server lost the upstream connection; reconnecting", "error", err)
+		})
+	s.mu.Lock()
+	s.client = paho.NewClient(o)
+	s.stopBeat, s.beatDone = make(chan struct{}), make(chan struct{})
+	s.mu.Unlock()
+	s.client.Connect()
+	go s.heartbeats()
+	return nil
+}
+
+// Connected reports whether the upstream connection is up.
+func (s *Server) Connected() bool {
+	s.mu.Lock()
+	c := s.client
+	s.mu.Unlock()
+	return c != nil && c.IsConnectionOpen()
+}
+
+// Close stops the server and closes its store.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for _, g := range s.groups {
+		if g.rekeyAt != nil {
+			g.rekeyAt.Stop()
+		}
+		for _, t := range g.suspended {
+			t.Stop()
+		}
+	}
+	c := s.client
+	stop := s.stopBeat
+	s.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-s.beatDone
+	}
+	if c != nil {
+		c.Disconnect(100)
+	}
+	s.mu.Lock()
+	s.saveReplayLocked()
+	s.mu.Unlock()
+	return s.store.close()
+}
+
+// Reload applies a new configuration: members removed from a group are
+// revoked (the group is rekeyed at once), new members and groups appear.
+func (s *Server) Reload(opts Options) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	opts.Identity, opts.StorePath, opts.Upstream = s.opts.Identity, s.opts.StorePath, s.opts.Upstream
+	if err := s.configure(opts); err != nil {
+		return err
+	}
+	s.opts.Members, s.opts.Groups = opts.Members, opts.Groups
+	for _, g := range s.groups {
+		revoked := false
+		for name := range g.rec.Joined {
+			if !g.allowed[name] || s.byName[name] == nil {
+				g.leaving[name] = true
+				revoked = true
+				s.log.Warn("member revoked: rekeying", "group", g.cfg.Name, "member", name)
+			}
+		}
+		kept := g.pending[:0]
+		for _, p := range g.pending {
+			if g.allowed[p.m.name] {
+				kept = append(kept, p)
+			}
+		}
+		g.pending = kept
+		if revoked {
+			s.rekeyNowLocked(g)
+		}
+	}
+	s.policyV++
+	s.store.putMeta(keyPolicy, beBytes(s.policyV))
+	s.publishPolicyLocked()
+	return nil
+}
+
+// onRequest handles one message on the request topics. The signature is
+// checked before anything else, in particular before any decryption.
+func (s *Server) onRequest(raw []byte) {
+	msg, err := gkd.Parse(raw)
+	if err != nil {
+		s.warn("malformed", "dropped a malformed key-distribution message", "error", err)
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	m := s.members[msg.Sender]
+	if m == nil {
+		s.warn("unknown:"+fmt.Sprintf("%x", msg.Sender), "dropped a request from an identity the configuration does not name", "id", fmt.Sprintf("%x", msg.Sender))
+		return
+	}
+	if msg.Recipient != s.id {
+		s.warn("recipient", "dropped a request addressed to another server", "member", m.name)
+		return
+	}
+	if !s.allow(m.id) {
+		s.warn("rate:"+m.name, "rate limit: dropped a request", "member", m.name)
+		return
+	}
+	if err := msg.Verify(m.pk); err != nil {
+		s.warn("forged:"+m.name, "dropped a request with a bad signature", "member", m.name, "error", err)
+		return
+	}
+	if err := s.replay.Check(msg.Sender, msg.Nonce, msg.Time, time.Now()); err != nil {
+		s.warn("replay:"+m.name, "dropped a replayed or stale request", "member", m.name, "error", err)
+		return
+	}
+	s.saveReplayLocked()
+	switch msg.Type {
+	case gkd.TypeJoinRequest:
+		req, err := gkd.ParseJoinRequest(msg.Body)
+		if err != nil {
+			s.warn("bad:"+m.name, "bad join request", "member", m.name, "error", err)
+			return
+		}
+		s.joinLocked(m, msg.Nonce, req)
+	case gkd.TypeLeave:
+		lv, err := gkd.ParseLeave(msg.Body)
+		if err != nil {
+			return
+		}
+		s.leaveLocked(m, lv)
+	case gkd.TypeRegister:
+		rg, err := gkd.ParseRegister(msg.Body)
+		if err != nil {
+			return
+		}
+		m.connID = rg.ConnID
+	case gkd.TypeChallengeResponse:
+		cr, err := gkd.ParseChallengeResponse(msg.Body)
+		if err != nil {
+			return
+		}
+		for _, g := range s.groups {
+			if c, ok := g.challenge[m.name]; ok && c == cr.Value {
+				s.cancelSuspensionLocked(g, m.name, "answered the challenge")
+			}
+		}
+	case gkd.TypeRekeyAck:
+		// Acknowledgements are informative: activation never waits for them.
+	default:
+		s.warn("type:"+m.name, "dropped a request of an unexpected type", "member", m.name, "type", msg.Type)
+	}
+}
+
+func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
+	g := s.groups[req.Group]
+	if g == nil {
+		s.refuseLocked(m, req.Group, nonce, gkd.RefusalUnknownGroup, "unknown group")
+		return
+	}
+	if !g.allowed[m.name] {
+		s.warn("acl:"+m.name+g.cfg.Name, "refused a join: member not allowed in group", "member", m.name, "group", g.cfg.Name)
+		s.refuseLocked(m, g.id, nonce, gkd.RefusalNotAuthorised, "not a member of this group")
+		return
+	}
+	m.connID = req.ConnID
+	s.cancelSuspensionLocked(g, m.name, "rejoined")
+	rec := g.rec
+	if _, joined := rec.Joined[m.name]; joined && !g.leaving[m.name] || g.cfg.Scheme == "static" {
+		// A member that holds the current key (a restarted sidecar, or any
+		// static-group member) gets it again with a fresh sender id.
+		sender := rec.NextSender
+		rec.NextSender++
+		if _, ok := rec.Joined[m.name]; !ok {
+			rec.Joined[m.name] = &joinedMember{Since: time.Now()}
+		}
+		rec.Joined[m.name].Sender = sender
+		if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
+			s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "error", err)
+			return
+		}
+		s.sendJoinResponseLocked(g, m, nonce, sender, time.Time{})
+		s.log.Info("member joined", "group", g.cfg.Name, "member", m.name, "epoch", rec.Epoch, "sender", sender)
+		return
+	}
+	for _, p := range g.pending {
+		if p.m == m {
+			return // already waiting; its first request's nonce is answered
+		}
+	}
+	g.pending = append(g.pending, pendingJoin{m: m, nonce: nonce})
+	s.scheduleRekeyLocked(g)
+}
+
+func (s *Server) leaveLocked(m *member, lv gkd.Leave) {
+	for _, g := range s.groups {
+		if lv.Group != ([8]byte{}) && lv.Group != g.id {
+			continue
+		}
+		if _, joined := g.rec.Joined[m.name]; !joined {
+			continue
+		}
+		switch lv.Reason {
+		case gkd.LeaveWill:
+			if lv.ConnID != m.connID {
+				s.warn("oldwill:"+m.name, "ignored a Will for an earlier connection", "member", m.name)
+				continue
+			}
+			s.suspendLocked(g, m)
+		default:
+			g.leaving[m.name] = true
+			s.log.Info("member leaves", "group", g.cfg.Name, "member", m.name)
+			s.scheduleRekeyLocked(g)
+		}
+	}
+}
+
+// suspendLocked acts on a Will: the member is challenged and removed after
+// LeaveDelay unless it answers or rejoins first. A Will is acted on once.
+func (s *Server) suspendLocked(g *group, m *member) {
+	if _, already := g.suspended[m.name]; already {
+		return
+	}
+	var c [16]byte
+	rand.Read(c[:])
+	g.challenge[m.name] = c
+	s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id), mustPlain(s.opts.Identity, m.id, gkd.TypeChallenge, gkd.Challenge{Value: c}))
+	name := m.name
+	s.log.Info("member's Will received: suspended, challenging", "group", g.cfg.Name, "member", name, "delay", s.opts.LeaveDelay)
+	g.suspended[name] = time.AfterFunc(s.opts.LeaveDelay, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.closed || g.suspended[name] == nil {
+			return
+		}
+		delete(g.suspended, name)
+		delete(g.challenge, name)
+		g.leaving[name] = true
+		s.log.Info("member did not answer after its Will: removing", "group", g.cfg.Name, "member", name)
+		s.scheduleRekeyLocked(g)
+	})
+}
+
+func (s *Server) cancelSuspensionLocked(g *group, name, why string) {
+	if t := g.suspended[name]; t != nil {
+		t.Stop()
+		delete(g.suspended, name)
+		delete(g.challenge, name)
+		s.log.Info("suspension cancelled", "group", g.cfg.Name, "member", name, "reason", why)
+	}
+}
+
+func (s *Server) scheduleRekeyLocked(g *group) {
+	if g.rekeyAt != nil {
+		return
+	}
+	if g.cfg.Scheme == "static" {
+		// Static keys never change: leaving members are forgotten at once.
+		for name := range g.leaving {
+			delete(g.rec.Joined, name)
+		}
+		clear(g.leaving)
+		s.store.saveGroup(g.cfg.Name, g.rec)
+		return
+	}
+	g.rekeyAt = time.AfterFunc(g.cfg.RekeyBatch, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		g.rekeyAt = nil
+		if !s.closed {
+			s.rekeyNowLocked(g)
+		}
+	})
+}
+
+// rekeyNowLocked moves a group to a new epoch: leavers are dropped, waiting
+// joiners admitted, the new key committed to the store, then sent to every
+// member, each sealed to its own identity.
+func (s *Server) rekeyNowLocked(g *group) {
+	if g.rekeyAt != nil {
+		g.rekeyAt.Stop()
+		g.rekeyAt = nil
+	}
+	if g.cfg.Scheme == "static" {
+		s.scheduleRekeyLocked(g)
+		return
+	}
+	rec := g.rec
+	for name := range g.leaving {
+		delete(rec.Joined, name)
+	}
+	clear(g.leaving)
+	newcomers := g.pending
+	g.pending = nil
+	for _, p := range newcomers {
+		rec.Joined[p.m.name] = &joinedMember{Sender: rec.NextSender, Since: time.Now()}
+		rec.NextSender++
+	}
+	rec.Epoch++
+	rec.Key = randomKey()
+	rec.Counter++
+	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
+		s.log.Error("storing a rekey failed; group keeps its epoch", "group", g.cfg.Name, "error", err)
+		rec.Epoch--
+		return
+	}
+	now := time.Now()
+	activate := now.Add(g.cfg.RekeyLead)
+	isNew := map[string]bool{}
+	for _, p := range newcomers {
+		isNew[p.m.name] = true
+		s.sendJoinResponseLocked(g, p.m, p.nonce, rec.Joined[p.m.name].Sender, activate)
+	}
+	sent := 0
+	for name := range rec.Joined {
+		m := s.byName[name]
+		if m == nil || isNew[name] {
+			continue
+		}
+		body := gkd.Rekey{
+			Group: g.id, Epoch: rec.Epoch, Counter: rec.Counter,
+			ActivateAt:    activate,
+			PrevSendUntil: activate.Add(g.cfg.SendGrace),
+			PrevOpenUntil: activate.Add(g.cfg.ReceiveRetention),
+		}
+		copy(body.Key[:], rec.Key)
+		msg, err := gkd.SealedMessage(s.opts.Identity, m.pk, gkd.TypeRekey, body)
+		if err != nil {
+			s.log.Error("sealing a rekey failed", "member", name, "error", err)
+			continue
+		}
+		s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id), msg)
+		sent++
+	}
+	s.log.Info("group rekeyed", "group", g.cfg.Name, "epoch", rec.Epoch, "members", len(rec.Joined), "rekeys_sent", sent, "joined", len(newcomers))
+}
+
+func (s *Server) sendJoinResponseLocked(g *group, m *member, nonce [16]byte, sender uint64, activateAt time.Time) {
+	body := gkd.JoinResponse{
+		Group: g.id, RequestNonce: nonce, Scheme: schemeCode(g.cfg.Scheme),
+		Epoch: g.rec.Epoch, Sender: sender, Counter: g.rec.Counter, ActivateAt: activateAt,
+	}
+	copy(body.Key[:], g.rec.Key)
+	msg, err := gkd.SealedMessage(s.opts.Identity, m.pk, gkd.TypeJoinResponse, body)
+	if err != nil {
+		s.log.Error("sealing a join response failed", "member", m.name, "error", err)
+		return
+	}
+	s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id), msg)
+}
+
+func (s *Server) refuseLocked(m *member, gid [8]byte, nonce [16]byte, code gkd.RefusalCode, reason string) {
+	s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id),
+		mustPlain(s.opts.Identity, m.id, gkd.TypeRefusal, gkd.Refusal{Group: gid, RequestNonce: nonce, Code: code, Reason: reason}))
+}
+
+// heartbeats signs a heartbeat per group every Heartbeat.
+func (s *Server) heartbeats() {
+	defer close(s.beatDone)
+	t := time.NewTicker(s.opts.Heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopBeat:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		for _, g := range s.groups {
+			g.rec.Counter++
+			if err := s.store.saveGroup(g.cfg.Name, g.rec); err != nil {
+				s.log.Error("storing a heartbeat counter failed", "group", g.cfg.Name, "error", err)
+				continue
+			}
+			s.sendLocked(gkd.GroupTopic(s.opts.TopicPrefix, g.id),
+				mustPlain(s.opts.Identity, [8]byte{}, gkd.TypeHeartbeat, gkd.Heartbeat{Group: g.id, Epoch: g.rec.Epoch, Counter: g.rec.Counter}))
+		}
+		s.mu.Unlock()
+	}
+}
+
+// publishPolicyLocked sends the signed topic policy (retained).
+func (s *Server) publishPolicyLocked() {
+	if s.client == nil {
+		return
+	}
+	p := gkd.Policy{Version: s.policyV}
+	for _, gc := range s.opts.Groups {
+		gid := gkd.GroupID(s.id, gc.Name)
+		for _, f := range gc.Topics {
+			p.Entries = append(p.Entries, gkd.PolicyEntry{Group: gid, Filter: f})
+		}
+	}
+	msg := mustPlain(s.opts.Identity, [8]byte{}, gkd.TypePolicy, p)
+	s.client.Publish(gkd.PolicyTopic(s.opts.TopicPrefix, s.id), 1, true, msg)
+}
+
+func (s *Server) sendLocked(topic string, msg []byte) {
+	if s.client == nil || msg == nil {
+		return
+	}
+	s.client.Publish(topic, 1, false, msg)
+}
+
+func (s *Server) saveReplayLocked() {
+	if b, err := s.replay.MarshalBinary(); err == nil {
+		if err := s.store.putMeta(keyReplay, b); err != nil {
+			s.log.Error("storing the anti-replay cache failed", "error", err)
+		}
+	}
+}
+
+// warn logs a security event at most once a minute per kind.
+func (s *Server) warn(kind, msg string, args ...any) {
+	now := time.Now()
+	if now.Sub(s.warned[kind]) < time.Minute {
+		return
+	}
+	s.warned[kind] = now
+	s.log.Warn(msg, args...)
+}
+
+// allow is a per-identity token bucket: 20 requests burst, 5 per second.
+func (s *Server) allow(id [8]byte) bool {
+	b := s.limits[id]
+	if b == nil {
+		b = &tokenBucket{tokens: 20, last: time.Now()}
+		s.limits[id] = b
+	}
+	return b.take(time.Now(), 20, 5)
+}
+
+type tokenBucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func (b *tokenBucket) take(now time.Time, burst, rate float64) bool {
+	b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+func mustPlain(id *gkd.Identity, to [8]byte, typ gkd.MsgType, body interface{ MarshalBinary() ([]byte, error) }) []byte {
+	msg, err := gkd.PlainMessage(id, to, typ, body)
+	if err != nil {
+		return nil
+	}
+	return msg
+}
+
+func schemeCode(s string) gkd.Scheme {
+	switch s {
+	case "static":
+		return gkd.SchemeStatic
+	case "update":
+		return gkd.SchemeUpdate
+	}
+	return 0
+}
+
+func randomKey() []byte {
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		panic("crypto/rand failed: " + err.Error())
+	}
+	return k
+}
+
+func beBytes(v uint64) []byte {
+	b := make([]byte, 8)
+	for i := 7; i >= 0; i-- {
+		b[i] = byte(v)
+		v >>= 8
+	}
+	return b
+}
+
+func beUint64(b []byte) uint64 {
+	var v uint64
+	for _, c := range b {
+		v = v<<8 | uint64(c)
+	}
+	return v
+}
