@@ -40,15 +40,14 @@ const (
 	groupKeyPrefix     = "smqtt-group-key-v1:"
 	idLabel            = "smqtt/v1 id"
 
-	seedSize          = 32 // Ed25519 seed, X-Wing seed, X25519 scalar
-	checksumSize      = 4
-	hybridKEMPubSize  = 1184 + 32 // ML-KEM-768 encapsulation key || X25519
-	x25519KEMPubSize  = 32
-	hybridEncSize     = 1088 + 32 // ML-KEM-768 ciphertext || X25519 share
-	x25519EncSize     = 32
-	aeadTagSize       = 16 // AES-256-GCM
-	maxKeyFileSize    = 64 << 10
-	publicIDHexLength = 16
+	seedSize         = 32 // Ed25519 seed, X-Wing seed, X25519 scalar
+	checksumSize     = 4
+	hybridKEMPubSize = 1184 + 32 // ML-KEM-768 encapsulation key || X25519
+	x25519KEMPubSize = 32
+	hybridEncSize    = 1088 + 32 // ML-KEM-768 ciphertext || X25519 share
+	x25519EncSize    = 32
+	aeadTagSize      = 16 // AES-256-GCM
+	maxKeyFileSize   = 64 << 10
 )
 
 // GroupKeySize is the size of a static group key: 256 bits.
@@ -422,10 +421,20 @@ func (pk *PublicKey) String() string { return pk.text }
 // ID returns the key's short opaque id: 16 hex digits (see the package
 // documentation). It is the same for every encoding of the same key.
 func (pk *PublicKey) ID() string {
+	id := pk.RawID()
+	return hex.EncodeToString(id[:])
+}
+
+// RawID returns the 8 bytes behind [PublicKey.ID]: the first 8 bytes of
+// SHA-256("smqtt/v1 id" || key bytes). Key-distribution headers carry it as
+// the sender and recipient id.
+func (pk *PublicKey) RawID() [8]byte {
 	h := sha256.New()
 	io.WriteString(h, idLabel)
 	h.Write(pk.raw)
-	return hex.EncodeToString(h.Sum(nil)[:publicIDHexLength/2])
+	var id [8]byte
+	copy(id[:], h.Sum(nil))
+	return id
 }
 
 // Suite returns the KEM suite of the key.
