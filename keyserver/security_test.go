@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/internal/mqtttest"
 	"github.com/smqtt/smqtt/keyclient"
 )
@@ -16,15 +17,17 @@ import (
 func TestJoinRefusals(t *testing.T) {
 	f := newFleet(t, "update", []string{"a"}, "outsider")
 
-	_, ring, _, err := f.keyClient("outsider", nil, 5*time.Second)
+	n, err := f.KeyClient("outsider", nil, 5*time.Second)
+	ring := n.Ring
 	if !errors.Is(err, keyclient.ErrRefused) {
 		t.Fatalf("member outside the group: got %v, want a refusal", err)
 	}
-	if _, err := ring.Sealer("demo"); err == nil {
+	if _, err := ring.Sealer(fleet.Group); err == nil {
 		t.Fatal("refused member holds a key")
 	}
 
-	_, ring, _, err = f.keyClient("stranger", newIdentity(t), 1500*time.Millisecond)
+	n, err = f.KeyClient("stranger", newIdentity(t), 1500*time.Millisecond)
+	ring = n.Ring
 	if err == nil || errors.Is(err, keyclient.ErrRefused) {
 		t.Fatalf("unknown identity: got %v, want no answer", err)
 	}
@@ -32,7 +35,8 @@ func TestJoinRefusals(t *testing.T) {
 		t.Fatal("unknown identity holds a key")
 	}
 
-	_, ring, _, err = f.keyClient("a", newIdentity(t), 1500*time.Millisecond) // a's name, another key
+	n, err = f.KeyClient("a", newIdentity(t), 1500*time.Millisecond) // a's name, another key
+	ring = n.Ring
 	if err == nil {
 		t.Fatal("a member with the wrong key joined")
 	}
@@ -43,7 +47,7 @@ func TestJoinRefusals(t *testing.T) {
 
 func emptyRing(r *keyclient.Ring) bool {
 	for e := uint32(0); e < 8; e++ {
-		if _, ok := r.GroupKey("demo", e); ok {
+		if _, ok := r.GroupKey(fleet.Group, e); ok {
 			return false
 		}
 	}
@@ -59,18 +63,18 @@ func TestForgedAndReplayedKeyMessages(t *testing.T) {
 	evil, err := mqtttest.Connect(f.up.URL(), "evil", mqtttest.AppOptions{})
 	must(t, err)
 	defer evil.Close()
-	aID := f.members["a"].Public().RawID()
+	aID := f.Members["a"].Public().RawID()
 	memberTopic := gkd.MemberTopic("smqtt/v1", aID)
-	epoch := a.epoch()
+	epoch := a.Epoch()
 
 	t.Run("forged rekey signed by another key", func(t *testing.T) {
 		mallory := newIdentity(t)
-		body := gkd.Rekey{Group: gkd.GroupID(f.server.Public().RawID(), "demo"), Epoch: epoch + 50, Counter: 1 << 40, ActivateAt: time.Now()}
-		forged, err := gkd.SealedMessage(mallory, f.members["a"].Public(), gkd.TypeRekey, body)
+		body := gkd.Rekey{Group: gkd.GroupID(f.Server.Public().RawID(), fleet.Group), Epoch: epoch + 50, Counter: 1 << 40, ActivateAt: time.Now()}
+		forged, err := gkd.SealedMessage(mallory, f.Members["a"].Public(), gkd.TypeRekey, body)
 		must(t, err)
 		must(t, evil.Publish(memberTopic, 1, false, forged))
 		time.Sleep(300 * time.Millisecond)
-		if _, ok := a.ring.GroupKey("demo", epoch+50); ok {
+		if _, ok := a.Ring.GroupKey(fleet.Group, epoch+50); ok {
 			t.Fatal("a forged rekey was installed")
 		}
 	})
@@ -84,24 +88,24 @@ func TestForgedAndReplayedKeyMessages(t *testing.T) {
 		if e2 <= e1 {
 			t.Fatalf("no rekey: %d then %d", e1, e2)
 		}
-		a.ring.Retire("demo", e1) // so a reinstall of the replayed epoch would show
+		a.Ring.Retire(fleet.Group, e1) // so a reinstall of the replayed epoch would show
 		for _, m := range old {
 			must(t, evil.Publish(memberTopic, 1, false, m))
 		}
 		time.Sleep(500 * time.Millisecond)
-		if _, ok := a.ring.GroupKey("demo", e1); ok {
+		if _, ok := a.Ring.GroupKey(fleet.Group, e1); ok {
 			t.Fatal("a replayed old rekey was installed")
 		}
-		if a.epoch() != e2 {
-			t.Fatalf("a seals with epoch %d after the replay, want %d", a.epoch(), e2)
+		if a.Epoch() != e2 {
+			t.Fatalf("a seals with epoch %d after the replay, want %d", a.Epoch(), e2)
 		}
 	})
 
 	t.Run("replayed join request", func(t *testing.T) {
-		reqs := f.capturedAll(gkd.RequestTopic("smqtt/v1", f.server.Public().RawID(), aID))
+		reqs := f.capturedAll(gkd.RequestTopic("smqtt/v1", f.Server.Public().RawID(), aID))
 		before := len(f.capturedAll(memberTopic))
 		for _, r := range reqs {
-			must(t, evil.Publish(gkd.RequestTopic("smqtt/v1", f.server.Public().RawID(), aID), 1, false, r))
+			must(t, evil.Publish(gkd.RequestTopic("smqtt/v1", f.Server.Public().RawID(), aID), 1, false, r))
 		}
 		time.Sleep(500 * time.Millisecond)
 		for _, m := range f.capturedAll(memberTopic)[before:] {
@@ -112,13 +116,9 @@ func TestForgedAndReplayedKeyMessages(t *testing.T) {
 	})
 }
 
-// capturedAll returns every payload the broker saw on topic, oldest first.
-func (f *fleet) capturedAll(topic string) [][]byte {
-	var out [][]byte
-	for _, s := range f.up.Spy.All() {
-		if s.Topic == topic {
-			out = append(out, s.Payload)
-		}
-	}
-	return out
+func newIdentity(t *testing.T) *gkd.Identity {
+	t.Helper()
+	id, err := gkd.GenerateIdentity(gkd.SuiteX25519)
+	must(t, err)
+	return id
 }

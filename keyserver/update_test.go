@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/keyserver"
 )
 
@@ -17,23 +18,22 @@ import (
 func TestUpdateLeaveThreeWays(t *testing.T) {
 	f := newFleet(t, "update", []string{"a", "b", "shutdown", "crash", "revoked"})
 	a, b := f.join("a"), f.join("b")
-	must(t, b.app.Subscribe("secure/#", 1))
+	must(t, b.App.Subscribe("secure/#", 1))
 
 	leaves := []struct {
 		name  string
-		leave func(n *node)
+		leave func(n *fleet.Node)
 	}{
-		{"shutdown", func(n *node) { n.kc.Close() }},
-		{"crash", func(n *node) {
-			n.relay.Cut() // the connection dies without DISCONNECT: the broker sends the Will
-			n.kc.Abandon()
+		{"shutdown", func(n *fleet.Node) { n.Keys.Close() }},
+		{"crash", func(n *fleet.Node) {
+			n.Crash() // the connection dies without DISCONNECT: the broker sends the Will
 		}},
-		{"revoked", func(n *node) {
-			opts := f.opts
+		{"revoked", func(n *fleet.Node) {
+			opts := f.KSOpts
 			g := opts.Groups[0]
 			g.Members = []string{"a", "b", "shutdown", "crash"}
 			opts.Groups = []keyserver.GroupConfig{g}
-			must(t, f.ks.Reload(opts))
+			must(t, f.KS.Reload(opts))
 		}},
 	}
 	for _, l := range leaves {
@@ -48,7 +48,7 @@ func TestUpdateLeaveThreeWays(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				for i := 0; i < n; i++ {
-					if err := a.app.Publish("secure/stream/"+l.name, 1, false, []byte(strconv.Itoa(i))); err != nil {
+					if err := a.App.Publish("secure/stream/"+l.name, 1, false, []byte(strconv.Itoa(i))); err != nil {
 						t.Errorf("publish %d: %v", i, err)
 						return
 					}
@@ -57,23 +57,23 @@ func TestUpdateLeaveThreeWays(t *testing.T) {
 			}()
 			l.leave(leaver)
 			after := waitEpoch(t, a, before)
-			waitFor(t, func() bool { return b.epoch() == after }, "b activates epoch %d", after)
+			waitFor(t, func() bool { return b.Epoch() == after }, "b activates epoch %d", after)
 			wg.Wait()
 			for i := 0; i < n; i++ {
-				expect(t, b.app, "secure/stream/"+l.name, strconv.Itoa(i))
+				expect(t, b.App, "secure/stream/"+l.name, strconv.Itoa(i))
 			}
 
 			secret := "after-" + l.name
-			must(t, a.app.Publish("secure/after", 1, false, []byte(secret)))
-			expect(t, b.app, "secure/after", secret)
+			must(t, a.App.Publish("secure/after", 1, false, []byte(secret)))
+			expect(t, b.App, "secure/after", secret)
 			env := f.captured("secure/after")
-			if canOpen(leaver.ring, "secure/after", env) {
+			if canOpen(leaver.Ring, "secure/after", env) {
 				t.Fatalf("the member that left by %s opened a message sent after the rekey", l.name)
 			}
-			if !canOpen(b.ring, "secure/after", env) {
+			if !canOpen(b.Ring, "secure/after", env) {
 				t.Fatal("a remaining member cannot open it")
 			}
-			if _, has := leaver.ring.GroupKey("demo", after); has {
+			if _, has := leaver.Ring.GroupKey(fleet.Group, after); has {
 				t.Fatalf("the member that left by %s holds the new epoch's key", l.name)
 			}
 		})
@@ -84,21 +84,21 @@ func TestUpdateLeaveThreeWays(t *testing.T) {
 func TestUpdateNewMemberCannotReadEarlierTraffic(t *testing.T) {
 	f := newFleet(t, "update", []string{"a", "b", "late"})
 	a, b := f.join("a"), f.join("b")
-	must(t, b.app.Subscribe("secure/#", 1))
+	must(t, b.App.Subscribe("secure/#", 1))
 	settle(t, a, b)
-	must(t, a.app.Publish("secure/old", 1, false, []byte("before you came")))
-	expect(t, b.app, "secure/old", "before you came")
+	must(t, a.App.Publish("secure/old", 1, false, []byte("before you came")))
+	expect(t, b.App, "secure/old", "before you came")
 	old := f.captured("secure/old")
 
 	late := f.join("late")
-	if canOpen(late.ring, "secure/old", old) {
+	if canOpen(late.Ring, "secure/old", old) {
 		t.Fatal("a new member opened a message sent before it joined")
 	}
 	// and it takes part from now on
-	must(t, late.app.Subscribe("secure/#", 1))
+	must(t, late.App.Subscribe("secure/#", 1))
 	settle(t, a, late)
-	must(t, a.app.Publish("secure/new", 1, false, []byte("welcome")))
-	expect(t, late.app, "secure/new", "welcome")
+	must(t, a.App.Publish("secure/new", 1, false, []byte("welcome")))
+	expect(t, late.App, "secure/new", "welcome")
 }
 
 // TestKeyServerRestartKeepsKeys: a restarted key server has the same keys
@@ -106,26 +106,26 @@ func TestUpdateNewMemberCannotReadEarlierTraffic(t *testing.T) {
 func TestKeyServerRestartKeepsKeys(t *testing.T) {
 	f := newFleet(t, "update", []string{"a", "b", "c"})
 	a, b := f.join("a"), f.join("b")
-	must(t, b.app.Subscribe("secure/#", 1))
+	must(t, b.App.Subscribe("secure/#", 1))
 	epoch := settle(t, a, b)
-	key, _ := a.ring.GroupKey("demo", epoch)
+	key, _ := a.Ring.GroupKey(fleet.Group, epoch)
 
-	must(t, f.ks.Close())
-	must(t, a.app.Publish("secure/x", 1, false, []byte("during the outage")))
-	expect(t, b.app, "secure/x", "during the outage")
-	f.startServer()
+	must(t, f.KS.Close())
+	must(t, a.App.Publish("secure/x", 1, false, []byte("during the outage")))
+	expect(t, b.App, "secure/x", "during the outage")
+	must(t, f.StartServer())
 
 	c := f.join("c") // a rejoin-free change: forces a rekey of the restarted server
 	after := waitEpoch(t, a, epoch)
 	if after != epoch+1 {
 		t.Fatalf("restarted server moved from epoch %d to %d, want %d: it lost its state", epoch, after, epoch+1)
 	}
-	waitFor(t, func() bool { return b.epoch() == after && c.epoch() == after }, "everyone at epoch %d", after)
-	if k, ok := a.ring.GroupKey("demo", epoch); !ok || *k != *key {
+	waitFor(t, func() bool { return b.Epoch() == after && c.Epoch() == after }, "everyone at epoch %d", after)
+	if k, ok := a.Ring.GroupKey(fleet.Group, epoch); !ok || *k != *key {
 		t.Fatal("the old epoch's key changed across the restart")
 	}
-	must(t, c.app.Publish("secure/y", 1, false, []byte("after the restart")))
-	expect(t, b.app, "secure/y", "after the restart")
+	must(t, c.App.Publish("secure/y", 1, false, []byte("after the restart")))
+	expect(t, b.App, "secure/y", "after the restart")
 }
 
 // TestStaticGroupKeepsOneKey: STATIC gives every member the same key, kept
@@ -133,22 +133,21 @@ func TestKeyServerRestartKeepsKeys(t *testing.T) {
 func TestStaticGroupKeepsOneKey(t *testing.T) {
 	f := newFleet(t, "static", []string{"a", "b"})
 	a := f.join("a")
-	k1, ok := a.ring.GroupKey("demo", a.epoch())
+	k1, ok := a.Ring.GroupKey(fleet.Group, a.Epoch())
 	if !ok {
 		t.Fatal("no key")
 	}
-	must(t, f.ks.Close())
-	f.startServer()
+	f.restartServer()
 	b := f.join("b")
-	if b.epoch() != a.epoch() {
-		t.Fatalf("epochs differ: %d and %d", a.epoch(), b.epoch())
+	if b.Epoch() != a.Epoch() {
+		t.Fatalf("epochs differ: %d and %d", a.Epoch(), b.Epoch())
 	}
-	k2, _ := b.ring.GroupKey("demo", b.epoch())
+	k2, _ := b.Ring.GroupKey(fleet.Group, b.Epoch())
 	if *k1 != *k2 {
 		t.Fatal("static key changed")
 	}
-	must(t, b.app.Subscribe("secure/#", 1))
-	must(t, a.app.Publish("secure/s", 1, false, []byte("static")))
-	expect(t, b.app, "secure/s", "static")
+	must(t, b.App.Subscribe("secure/#", 1))
+	must(t, a.App.Publish("secure/s", 1, false, []byte("static")))
+	expect(t, b.App, "secure/s", "static")
 	_ = fmt.Sprint()
 }

@@ -2,32 +2,29 @@ package main
 
 import (
 	"bytes"
-	"context"
-	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/gkd"
 	"github.com/smqtt/smqtt/internal/embedded"
+	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/internal/mqtttest"
-	"github.com/smqtt/smqtt/keyclient"
-	"github.com/smqtt/smqtt/proxy"
-	"github.com/smqtt/smqtt/proxy/queue"
 )
 
 func runDemo(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("demo", "demo [--scheme static] [--clients N] [--keep]", stderr)
-	scheme := fs.String("scheme", "static", "group key scheme: static")
-	clients := fs.Int("clients", 2, "number of sidecars, each with one legacy app (at least 2)")
-	keep := fs.Bool("keep", false, "keep running after the checks so you can connect mosquitto_sub/mosquitto_pub to the printed addresses")
+	fs := newFlags("demo", "demo [--scheme static|update] [--clients N] [--keep]", stderr)
+	scheme := fs.String("scheme", "update", "group key scheme: static or update")
+	clients := fs.Int("clients", 2, "number of sidecars, each with one legacy app (2 to 50)")
+	keep := fs.Bool("keep", false, "keep running after the checks so you can point mosquitto_sub/mosquitto_pub at the printed addresses")
 	newLog := logFlags(fs, stderr, "error")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -36,13 +33,13 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *scheme != "static" {
-		return fmt.Errorf("--scheme: %q is not available in this build yet (static)", *scheme)
+	if *scheme != "static" && *scheme != "update" {
+		return fmt.Errorf("--scheme: %q is not available in this build (static, update)", *scheme)
 	}
-	if *clients < 2 || *clients > 100 {
-		return fmt.Errorf("--clients: %d is out of range (2 to 100)", *clients)
+	if *clients < 2 || *clients > 50 {
+		return fmt.Errorf("--clients: %d is out of range (2 to 50)", *clients)
 	}
-	d := &demo{out: stdout, log: log}
+	d := &demo{out: stdout, log: log, scheme: *scheme}
 	defer d.cleanup()
 	if err := d.run(*clients); err != nil {
 		fmt.Fprintf(stdout, "\nVERDICT: FAIL — %s\n", err)
@@ -50,10 +47,11 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "\nVERDICT: PASS — %d checks held; the broker saw no plaintext of any protected message.\n", d.checks)
 	if *keep {
+		a, b := d.nodes[0].Side.Addrs()[0].String(), d.nodes[1].Side.Addrs()[0].String()
 		fmt.Fprintln(stdout, "\nStill running (Ctrl-C to stop). Try:")
-		fmt.Fprintf(stdout, "  mosquitto_sub -h %s -p %s -t 'secure/#' -v         # through sidecar 2: plaintext\n", host(d.sidecars[1]), port(d.sidecars[1]))
-		fmt.Fprintf(stdout, "  mosquitto_pub -h %s -p %s -t secure/hello -m hi   # through sidecar 1\n", host(d.sidecars[0]), port(d.sidecars[0]))
-		fmt.Fprintf(stdout, "  mosquitto_sub -h %s -p %s -t '#' -v               # the broker: ciphertext\n", host2(d.broker.Addr()), port2(d.broker.Addr()))
+		fmt.Fprintf(stdout, "  mosquitto_sub -h %s -p %s -t 'secure/#' -v          # through sidecar 2: plaintext\n", host(b), port(b))
+		fmt.Fprintf(stdout, "  mosquitto_pub -h %s -p %s -t secure/hello -m hi    # through sidecar 1\n", host(a), port(a))
+		fmt.Fprintf(stdout, "  mosquitto_sub -h %s -p %s -t '#' -v                # the broker itself: ciphertext\n", host(d.broker.Addr()), port(d.broker.Addr()))
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 		<-sig
@@ -62,23 +60,19 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 }
 
 type demo struct {
-	out      io.Writer
-	log      *slog.Logger
-	dir      string
-	broker   *embedded.Broker
-	sidecars []*proxy.Sidecar
-	apps     []*mqtttest.App
-	checks   int
+	out    io.Writer
+	log    *slog.Logger
+	scheme string
+	dir    string
+	broker *embedded.Broker
+	fleet  *fleet.Fleet
+	nodes  []*fleet.Node
+	checks int
 }
 
 func (d *demo) cleanup() {
-	for _, a := range d.apps {
-		a.Close()
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	for _, s := range d.sidecars {
-		s.Close(ctx)
+	if d.fleet != nil {
+		d.fleet.Close()
 	}
 	if d.broker != nil {
 		d.broker.Close()
@@ -106,50 +100,40 @@ func (d *demo) run(n int) error {
 		return err
 	}
 	fmt.Fprintf(d.out, "untrusted broker   %s (embedded mochi-mqtt)\n", d.broker.URL())
-	var key envelope.GroupKey
-	if _, err := rand.Read(key[:]); err != nil {
+	var names []string
+	for i := 1; i <= n; i++ {
+		names = append(names, fmt.Sprintf("sidecar-%d", i))
+	}
+	d.fleet, err = fleet.New(fleet.Options{
+		UpstreamURL: d.broker.URL(), UpstreamAddr: d.broker.Addr(), Dir: d.dir,
+		Scheme: d.scheme, Suite: gkd.SuiteHybrid, Logger: d.log,
+		Members: append(names, "sidecar-late"),
+	})
+	if err != nil {
 		return err
 	}
-	rules := []proxy.Rule{{Filters: []string{"secure/#"}, Group: "demo"}}
-	for i := 0; i < n; i++ {
-		ring := keyclient.NewRing()
-		if err := ring.AddStatic("demo", key); err != nil {
-			return err
-		}
-		sc, err := proxy.New(proxy.Options{
-			Listen:   []string{"tcp://127.0.0.1:0"},
-			Upstream: proxy.UpstreamOptions{URL: d.broker.URL(), ClientID: fmt.Sprintf("sidecar-%d", i+1)},
-			Rules:    rules,
-			Keys:     ring,
-			DataDir:  filepath.Join(d.dir, fmt.Sprintf("sidecar-%d", i+1)),
-			Queue:    queue.Options{Sync: queue.SyncBatch},
-			Logger:   d.log,
-		})
+	fmt.Fprintf(d.out, "key server         id %s, group %q (scheme %s), identities ML-KEM-768 + X25519 (hybrid HPKE)\n",
+		d.fleet.Server.Public().ID(), fleet.Group, d.scheme)
+	for i, name := range names {
+		node, err := d.fleet.Join(name)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", name, err)
 		}
-		if err := sc.Start(); err != nil {
-			return err
-		}
-		d.sidecars = append(d.sidecars, sc)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err = sc.WaitConnected(ctx)
-		cancel()
-		if err != nil {
-			return err
-		}
-		app, err := mqtttest.Connect("tcp://"+sc.Addrs()[0].String(), fmt.Sprintf("legacy-app-%d", i+1), mqtttest.AppOptions{})
-		if err != nil {
-			return err
-		}
-		d.apps = append(d.apps, app)
-		fmt.Fprintf(d.out, "sidecar %-3d        tcp://%s  (protects secure/#, group demo, static key)  ← legacy-app-%d\n", i+1, sc.Addrs()[0], i+1)
+		d.nodes = append(d.nodes, node)
+		fmt.Fprintf(d.out, "%-18s %s  protects secure/#  ← legacy-app-%d\n", name, node.URL(), i+1)
 	}
-	for _, a := range d.apps[1:] {
-		if err := a.Subscribe("secure/#", 1); err != nil {
+	epoch, err := fleet.Settle(10*time.Second, d.nodes...)
+	if err != nil {
+		return err
+	}
+	if err := d.check(true, "%d sidecars joined group %q and seal with epoch %d", n, fleet.Group, epoch); err != nil {
+		return err
+	}
+	for _, node := range d.nodes[1:] {
+		if err := node.App.Subscribe("secure/#", 1); err != nil {
 			return err
 		}
-		if err := a.Subscribe("public/#", 1); err != nil {
+		if err := node.App.Subscribe("public/#", 1); err != nil {
 			return err
 		}
 	}
@@ -164,13 +148,13 @@ func (d *demo) run(n int) error {
 		{"public/weather", "sunny, 21°C", false},
 	}
 	for _, m := range sent {
-		if err := d.apps[0].Publish(m.topic, 1, false, []byte(m.payload)); err != nil {
+		if err := d.nodes[0].App.Publish(m.topic, 1, false, []byte(m.payload)); err != nil {
 			return err
 		}
 	}
-	for i, a := range d.apps[1:] {
+	for i, node := range d.nodes[1:] {
 		for _, m := range sent {
-			got, ok := a.Next(5 * time.Second)
+			got, ok := node.App.Next(5 * time.Second)
 			if err := d.check(ok && got.Topic == m.topic && string(got.Payload) == m.payload,
 				"legacy-app-%d received %-18s %q", i+2, m.topic, m.payload); err != nil {
 				return err
@@ -178,15 +162,8 @@ func (d *demo) run(n int) error {
 		}
 	}
 	fmt.Fprintln(d.out, "\nWhat the broker saw:")
-	seen := d.broker.Spy.All()
 	for _, m := range sent {
-		var wire []byte
-		for _, s := range seen {
-			if s.Topic == m.topic {
-				wire = s.Payload
-				break
-			}
-		}
+		wire := d.seen(m.topic)
 		fmt.Fprintf(d.out, "  %-18s %3d bytes  %s\n", m.topic, len(wire), excerpt(wire))
 		if m.protected {
 			if err := d.check(len(wire) > 0 && !d.broker.Spy.Contains([]byte(m.payload)),
@@ -198,30 +175,93 @@ func (d *demo) run(n int) error {
 		}
 	}
 
-	fmt.Fprintln(d.out, "\nThe broker tampers with a protected message and replays another:")
-	up, err := mqtttest.Connect(d.broker.URL(), "evil-insider", mqtttest.AppOptions{})
+	fmt.Fprintln(d.out, "\nThe broker tampers with a protected message, replays another and forges a third:")
+	evil, err := mqtttest.Connect(d.broker.URL(), "evil-insider", mqtttest.AppOptions{})
 	if err != nil {
 		return err
 	}
-	defer up.Close()
-	var captured []byte
-	for _, s := range seen {
-		if s.Topic == "secure/door/front" {
-			captured = s.Payload
-		}
-	}
+	defer evil.Close()
+	captured := d.seen("secure/door/front")
 	tampered := append([]byte(nil), captured...)
 	tampered[len(tampered)-1] ^= 1
-	_ = up.Publish("secure/door/front", 1, false, tampered)
-	_ = up.Publish("secure/door/front", 1, false, captured)
-	_ = up.Publish("secure/door/front", 1, false, []byte("forged plaintext: unlock"))
-	for i, a := range d.apps[1:] {
-		got, ok := a.Next(time.Second)
-		if err := d.check(!ok, "legacy-app-%d received none of the tampered, replayed or forged messages", i+2); err != nil {
+	for _, p := range [][]byte{tampered, captured, []byte("forged plaintext: unlock")} {
+		if err := evil.Publish("secure/door/front", 1, false, p); err != nil {
+			return err
+		}
+	}
+	for i, node := range d.nodes[1:] {
+		got, ok := node.App.Next(time.Second)
+		if err := d.check(!ok, "legacy-app-%d received none of them", i+2); err != nil {
 			return fmt.Errorf("%w (got %s %q)", err, got.Topic, got.Payload)
 		}
 	}
-	return nil
+	return d.membership(epoch, captured)
+}
+
+// membership shows a join and a leave: with update, each rekeys the group,
+// and neither the newcomer can read the past nor the leaver the future.
+func (d *demo) membership(epoch uint32, past []byte) error {
+	fmt.Fprintln(d.out, "\nMembership changes:")
+	late, err := d.fleet.Join("sidecar-late")
+	if err != nil {
+		return err
+	}
+	all := append(append([]*fleet.Node(nil), d.nodes...), late)
+	joined, err := fleet.Settle(10*time.Second, all...)
+	if err != nil {
+		return err
+	}
+	if d.scheme == "static" {
+		if err := d.check(joined == epoch, "sidecar-late joined; static keys do not change (epoch %d): it can read past traffic", joined); err != nil {
+			return err
+		}
+		late.Close()
+		return nil
+	}
+	if err := d.check(joined > epoch, "sidecar-late joined: the group rekeyed from epoch %d to %d", epoch, joined); err != nil {
+		return err
+	}
+	if err := d.check(!opens(late, "secure/door/front", past), "sidecar-late cannot open a message sent before it joined"); err != nil {
+		return err
+	}
+	late.Close()
+	left, err := fleet.Settle(10*time.Second, d.nodes...)
+	for err == nil && left == joined {
+		time.Sleep(20 * time.Millisecond)
+		left, err = fleet.Settle(10*time.Second, d.nodes...)
+	}
+	if err != nil {
+		return err
+	}
+	if err := d.check(left > joined, "sidecar-late left: the group rekeyed from epoch %d to %d", joined, left); err != nil {
+		return err
+	}
+	if err := d.nodes[0].App.Publish("secure/door/front", 1, false, []byte("new code 0815")); err != nil {
+		return err
+	}
+	for i, node := range d.nodes[1:] {
+		got, ok := node.App.Next(5 * time.Second)
+		if err := d.check(ok && string(got.Payload) == "new code 0815", "legacy-app-%d received the next message under epoch %d", i+2, left); err != nil {
+			return err
+		}
+	}
+	return d.check(!opens(late, "secure/door/front", d.seen("secure/door/front")), "sidecar-late cannot open it")
+}
+
+// seen returns the last payload the broker saw on topic.
+func (d *demo) seen(topic string) []byte {
+	var last []byte
+	for _, s := range d.broker.Spy.All() {
+		if s.Topic == topic {
+			last = s.Payload
+		}
+	}
+	return last
+}
+
+func opens(n *fleet.Node, topic string, env []byte) bool {
+	_, _, err := envelope.NewOpener(n.Ring, 16).Open(nil, fleet.Group, topic, env)
+	return err == nil
 }
 
 func excerpt(b []byte) string {
@@ -243,13 +283,12 @@ func printable(b []byte) bool {
 	return true
 }
 
-func host(sc *proxy.Sidecar) string { return host2(sc.Addrs()[0].String()) }
-func port(sc *proxy.Sidecar) string { return port2(sc.Addrs()[0].String()) }
-func host2(addr string) string {
-	h, _, _ := netSplit(addr)
+func host(addr string) string {
+	h, _, _ := net.SplitHostPort(addr)
 	return h
 }
-func port2(addr string) string {
-	_, p, _ := netSplit(addr)
+
+func port(addr string) string {
+	_, p, _ := net.SplitHostPort(addr)
 	return p
 }

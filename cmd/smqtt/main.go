@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"runtime/debug"
 	"strings"
@@ -178,5 +177,3 @@ func versionString() string {
 	}
 	return "dev"
 }
-
-func netSplit(addr string) (string, string, error) { return net.SplitHostPort(addr) }
