@@ -273,4 +273,3 @@ func waitUntil(d time.Duration, cond func() bool) error {
 	}
 	return nil
 }
-
