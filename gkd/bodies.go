@@ -185,7 +185,10 @@ type Rekey struct {
 }
 
 // Leave says a member leaves a group, or every group (member → server,
-// plain). The Will that a member leaves with the broker is a Leave.
+// plain). The Will that a member leaves with the broker is a Leave with
+// reason [LeaveWill]; it is signed when the member connects, so its header
+// time may be old, and the key server accepts it without the time window but
+// only for the member's current ConnID, once (docs/PROTOCOL.md, 2.6).
 type Leave struct {
 	Group  [8]byte // all zero: every group
 	ConnID [16]byte
@@ -236,22 +239,40 @@ type RekeyAck struct {
 	Counter uint64
 }
 
-// Type methods.
+// Type returns TypeJoinRequest.
+func (JoinRequest) Type() MsgType { return TypeJoinRequest }
 
-func (JoinRequest) Type() MsgType       { return TypeJoinRequest }
-func (JoinResponse) Type() MsgType      { return TypeJoinResponse }
-func (Refusal) Type() MsgType           { return TypeRefusal }
-func (Rekey) Type() MsgType             { return TypeRekey }
-func (Leave) Type() MsgType             { return TypeLeave }
-func (Heartbeat) Type() MsgType         { return TypeHeartbeat }
-func (Policy) Type() MsgType            { return TypePolicy }
-func (Register) Type() MsgType          { return TypeRegister }
-func (Challenge) Type() MsgType         { return TypeChallenge }
+// Type returns TypeJoinResponse.
+func (JoinResponse) Type() MsgType { return TypeJoinResponse }
+
+// Type returns TypeRefusal.
+func (Refusal) Type() MsgType { return TypeRefusal }
+
+// Type returns TypeRekey.
+func (Rekey) Type() MsgType { return TypeRekey }
+
+// Type returns TypeLeave.
+func (Leave) Type() MsgType { return TypeLeave }
+
+// Type returns TypeHeartbeat.
+func (Heartbeat) Type() MsgType { return TypeHeartbeat }
+
+// Type returns TypePolicy.
+func (Policy) Type() MsgType { return TypePolicy }
+
+// Type returns TypeRegister.
+func (Register) Type() MsgType { return TypeRegister }
+
+// Type returns TypeChallenge.
+func (Challenge) Type() MsgType { return TypeChallenge }
+
+// Type returns TypeChallengeResponse.
 func (ChallengeResponse) Type() MsgType { return TypeChallengeResponse }
-func (RekeyAck) Type() MsgType          { return TypeRekeyAck }
 
-// MarshalBinary methods.
+// Type returns TypeRekeyAck.
+func (RekeyAck) Type() MsgType { return TypeRekeyAck }
 
+// MarshalBinary encodes the JoinRequest body.
 func (b JoinRequest) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeJoinRequest, 8+16)
 	w.bytes(b.Group[:])
@@ -259,6 +280,7 @@ func (b JoinRequest) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the JoinResponse body.
 func (b JoinResponse) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeJoinResponse, 8+NonceSize+1+4+8+GroupKeySize+8+8+4+len(b.Ext))
 	w.bytes(b.Group[:])
@@ -273,6 +295,7 @@ func (b JoinResponse) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the Refusal body.
 func (b Refusal) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeRefusal, 8+NonceSize+1+2+len(b.Reason))
 	w.bytes(b.Group[:])
@@ -285,6 +308,7 @@ func (b Refusal) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the Rekey body.
 func (b Rekey) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeRekey, 8+4+GroupKeySize+8+8+8+8+4+len(b.Ext))
 	w.bytes(b.Group[:])
@@ -298,6 +322,7 @@ func (b Rekey) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the Leave body.
 func (b Leave) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeLeave, 8+16+1)
 	w.bytes(b.Group[:])
@@ -309,6 +334,7 @@ func (b Leave) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the Heartbeat body.
 func (b Heartbeat) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeHeartbeat, 8+4+8)
 	w.bytes(b.Group[:])
@@ -317,6 +343,7 @@ func (b Heartbeat) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the Policy body.
 func (b Policy) MarshalBinary() ([]byte, error) {
 	n := 8 + 2
 	for _, e := range b.Entries {
@@ -335,18 +362,22 @@ func (b Policy) MarshalBinary() ([]byte, error) {
 	return w.result()
 }
 
+// MarshalBinary encodes the Register body.
 func (b Register) MarshalBinary() ([]byte, error) {
 	return append([]byte(nil), b.ConnID[:]...), nil
 }
 
+// MarshalBinary encodes the Challenge body.
 func (b Challenge) MarshalBinary() ([]byte, error) {
 	return append([]byte(nil), b.Value[:]...), nil
 }
 
+// MarshalBinary encodes the ChallengeResponse body.
 func (b ChallengeResponse) MarshalBinary() ([]byte, error) {
 	return append([]byte(nil), b.Value[:]...), nil
 }
 
+// MarshalBinary encodes the RekeyAck body.
 func (b RekeyAck) MarshalBinary() ([]byte, error) {
 	w := newWriter(TypeRekeyAck, 8+4+8)
 	w.bytes(b.Group[:])

@@ -1,6 +1,39 @@
 // Package gkd holds the key-distribution wire formats and identities shared by
 // the key server and the key client of smqtt. Native Go applications that talk
-// to a key server directly can import it too.
+// to a key server directly can import it too. docs/PROTOCOL.md (section 2) is
+// the normative specification of the messages; this package implements it.
+//
+// # Messages
+//
+// A key-distribution message is a 47-byte header (version, [MsgType], flags,
+// sender id, recipient id, the sender's time, a random nonce, the body
+// length), a body, and the sender's Ed25519 signature over both. The bodies of
+// [TypeJoinResponse] and [TypeRekey] carry group keys and are sealed to their
+// recipient with HPKE, bound to the message's type, sender, recipient and
+// nonce. Every body type is a Go struct ([JoinRequest], [JoinResponse],
+// [Refusal], [Rekey], [Leave], [Heartbeat], [Policy], [Register],
+// [Challenge], [ChallengeResponse], [RekeyAck]) with MarshalBinary and a Parse
+// function.
+//
+// Sending:
+//
+//	raw, err := gkd.PlainMessage(member, serverID, gkd.TypeJoinRequest, gkd.JoinRequest{...})
+//	raw, err := gkd.SealedMessage(server, memberKey, gkd.TypeRekey, gkd.Rekey{...})
+//
+// ([Build] and [Seal] give control of the header, for instance to remember the
+// nonce of a JoinRequest.) Receiving, in this order:
+//
+//	m, err := gkd.Parse(raw)               // structure only
+//	err = m.Verify(senderKey)              // before anything else
+//	// freshness: ReplayCache.Check for requests; nonce echo or counters for the rest
+//	pt, err := id.OpenBody(m)              // sealed types only; refuses unverified messages
+//	body, err := gkd.ParseBody(m.Type, pt) // or m.Body for plain types
+//
+// Topics ([RequestTopic], [MemberTopic], [GroupTopic], [PolicyTopic]) and
+// group ids ([GroupID]) are opaque hashes, so that the broker sees no names.
+// A [ReplayCache] gives the key server its anti-replay memory for requests:
+// each (sender, nonce) once within a time window, persistable with
+// MarshalBinary.
 //
 // # Identities
 //
@@ -77,6 +110,9 @@
 // Malformed input yields an error that wraps [ErrInvalidPublicKey],
 // [ErrInvalidIdentity], [ErrInvalidGroupKey] or [ErrUnknownSuite]; a secret file
 // with loose permissions, [ErrInsecurePermissions]; refusing to overwrite,
-// [fs.ErrExist]; a ciphertext that does not open, [ErrDecrypt]. Parsers never
-// panic, whatever their input.
+// [fs.ErrExist]; a ciphertext that does not open, [ErrDecrypt]. Messages and
+// bodies that break the format wrap [ErrMalformed], another protocol version
+// [ErrVersion], a bad or missing signature [ErrSignature]; the replay cache
+// answers [ErrStale], [ErrReplay] or [ErrBusy]. Parsers never panic, whatever
+// their input.
 package gkd

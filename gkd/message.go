@@ -198,10 +198,14 @@ func (m *Message) Verify(pk *PublicKey) error {
 	if pk == nil {
 		return fmt.Errorf("%w: %s from %x: no public key", ErrSignature, m.Type, m.Sender)
 	}
-	if id := pk.RawID(); id != m.Sender {
-		return fmt.Errorf("%w: %s from %x checked against the key of %x", ErrSignature, m.Type, m.Sender, id)
+	if len(m.signed) < len(signContext)+HeaderSize {
+		return fmt.Errorf("%w: %s from %x: not a parsed message", ErrSignature, m.Type, m.Sender)
 	}
-	if len(m.signed) == 0 || !pk.Verify(m.signed, m.Sig) {
+	// The sender as signed, not the exported field, which may have changed.
+	if sender, _, _ := headerIDs(m.signed[len(signContext):]); pk.RawID() != sender {
+		return fmt.Errorf("%w: %s from %x checked against the key of %x", ErrSignature, m.Type, sender, pk.RawID())
+	}
+	if !pk.Verify(m.signed, m.Sig) {
 		return fmt.Errorf("%w: %s from %x", ErrSignature, m.Type, m.Sender)
 	}
 	m.verified = true

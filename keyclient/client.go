@@ -418,7 +418,6 @@ func (c *Client) onRekey(msg *gkd.Message) {
 	}
 	c.freshLocked(st, group)
 	c.log.Info("rekeyed", "group", group, "epoch", r.Epoch, "activate_at", r.ActivateAt)
-	go c.send(gkd.TypeRekeyAck, gkd.RekeyAck{Group: r.Group, Epoch: r.Epoch, Counter: r.Counter})
 }
 
 // activateAtLocked switches sealing to epoch at the given time.

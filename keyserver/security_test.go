@@ -122,3 +122,45 @@ func newIdentity(t *testing.T) *gkd.Identity {
 	must(t, err)
 	return id
 }
+
+// TestWillOfLiveMemberAndReplayedWill: a member whose connection drops but
+// who is still alive answers the key server's challenge and is not removed;
+// the broker replaying that Will later changes nothing either.
+func TestWillOfLiveMemberAndReplayedWill(t *testing.T) {
+	f := newFleet(t, "update", []string{"a", "b"})
+	a, b := f.join("a"), f.join("b")
+	epoch := settle(t, a, b)
+	reqTopic := gkd.RequestTopic("smqtt/v1", f.Server.Public().RawID(), f.Members["a"].Public().RawID())
+
+	a.Relay.Cut() // the broker publishes a's Will; a reconnects and answers the challenge
+	waitFor(t, func() bool { return len(willsOn(f, reqTopic)) == 1 }, "the broker published a's Will")
+	time.Sleep(3 * f.Opts.LeaveDelay)
+	if e, _ := f.KS.GroupEpoch(fleet.Group); e != epoch {
+		t.Fatalf("a live member was removed after its Will: epoch %d -> %d", epoch, e)
+	}
+
+	evil, err := mqtttest.Connect(f.up.URL(), "evil", mqtttest.AppOptions{})
+	must(t, err)
+	defer evil.Close()
+	must(t, evil.Publish(reqTopic, 1, false, willsOn(f, reqTopic)[0]))
+	time.Sleep(3 * f.Opts.LeaveDelay)
+	if e, _ := f.KS.GroupEpoch(fleet.Group); e != epoch {
+		t.Fatalf("a replayed Will removed a member: epoch %d -> %d", epoch, e)
+	}
+	must(t, b.App.Subscribe("secure/#", 1))
+	must(t, a.App.Publish("secure/still", 1, false, []byte("here")))
+	expect(t, b.App, "secure/still", "here")
+}
+
+// willsOn returns the Will messages the broker published on topic.
+func willsOn(f *testFleet, topic string) [][]byte {
+	var out [][]byte
+	for _, m := range f.capturedAll(topic) {
+		if msg, err := gkd.Parse(m); err == nil && msg.Type == gkd.TypeLeave {
+			if lv, err := gkd.ParseLeave(msg.Body); err == nil && lv.Reason == gkd.LeaveWill {
+				out = append(out, m)
+			}
+		}
+	}
+	return out
+}

@@ -59,19 +59,20 @@ type Server struct {
 	id    [8]byte
 	store *store
 
-	mu       sync.Mutex
-	client   paho.Client
-	members  map[[8]byte]*member
-	byName   map[string]*member
-	groups   map[[8]byte]*group
-	replay   *gkd.ReplayCache
-	policyV  uint64
-	limits   map[[8]byte]*tokenBucket
-	warned   map[string]time.Time
-	closed   bool
-	timers   sync.WaitGroup
-	stopBeat chan struct{}
-	beatDone chan struct{}
+	mu        sync.Mutex
+	client    paho.Client
+	members   map[[8]byte]*member
+	byName    map[string]*member
+	groups    map[[8]byte]*group
+	replay    *gkd.ReplayCache
+	policyV   uint64
+	limits    map[[8]byte]*tokenBucket
+	willsSeen map[[16]byte]bool // connection ids whose Will was acted on
+	warned    map[string]time.Time
+	closed    bool
+	timers    sync.WaitGroup
+	stopBeat  chan struct{}
+	beatDone  chan struct{}
 }
 
 type member struct {
@@ -123,10 +124,11 @@ func New(opts Options) (*Server, error) {
 	}
 	s := &Server{
 		opts: opts, log: log, store: st,
-		id:     opts.Identity.Public().RawID(),
-		limits: make(map[[8]byte]*tokenBucket),
-		warned: make(map[string]time.Time),
-		replay: gkd.NewReplayCache(opts.RequestWindow, 1<<20),
+		id:        opts.Identity.Public().RawID(),
+		limits:    make(map[[8]byte]*tokenBucket),
+		willsSeen: make(map[[16]byte]bool),
+		warned:    make(map[string]time.Time),
+		replay:    gkd.NewReplayCache(opts.RequestWindow, 1<<20),
 	}
 	if blob := st.getMeta(keyReplay); len(blob) > 0 {
 		if err := s.replay.UnmarshalBinary(blob); err != nil {
@@ -229,6 +231,19 @@ func (s *Server) Connected() bool {
 	return c != nil && c.IsConnectionOpen()
 }
 
+// GroupEpoch returns a group's current epoch (the newest, which members may
+// not have activated yet).
+func (s *Server) GroupEpoch(name string) (uint32, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, g := range s.groups {
+		if g.cfg.Name == name {
+			return g.rec.Epoch, true
+		}
+	}
+	return 0, false
+}
+
 // Close stops the server and closes its store.
 func (s *Server) Close() error {
 	s.mu.Lock()
@@ -327,6 +342,18 @@ func (s *Server) onRequest(raw []byte) {
 		s.warn("forged:"+m.name, "dropped a request with a bad signature", "member", m.name, "error", err)
 		return
 	}
+	if will, ok := s.willLeave(msg); ok {
+		// A Will is signed when the connection opens and published by the
+		// broker whenever it ends, so its age says nothing: it is acted on
+		// only for the member's current connection id, and once.
+		if will.ConnID != m.connID || s.willsSeen[will.ConnID] {
+			s.warn("oldwill:"+m.name, "ignored a Will for an earlier or already handled connection", "member", m.name)
+			return
+		}
+		s.willsSeen[will.ConnID] = true
+		s.leaveLocked(m, will)
+		return
+	}
 	if err := s.replay.Check(msg.Sender, msg.Nonce, msg.Time, time.Now()); err != nil {
 		s.warn("replay:"+m.name, "dropped a replayed or stale request", "member", m.name, "error", err)
 		return
@@ -342,7 +369,7 @@ func (s *Server) onRequest(raw []byte) {
 		s.joinLocked(m, msg.Nonce, req)
 	case gkd.TypeLeave:
 		lv, err := gkd.ParseLeave(msg.Body)
-		if err != nil {
+		if err != nil || lv.Reason == gkd.LeaveWill {
 			return
 		}
 		s.leaveLocked(m, lv)
@@ -367,6 +394,15 @@ func (s *Server) onRequest(raw []byte) {
 	default:
 		s.warn("type:"+m.name, "dropped a request of an unexpected type", "member", m.name, "type", msg.Type)
 	}
+}
+
+// willLeave returns the body of a Leave sent as a Will.
+func (s *Server) willLeave(msg *gkd.Message) (gkd.Leave, bool) {
+	if msg.Type != gkd.TypeLeave {
+		return gkd.Leave{}, false
+	}
+	lv, err := gkd.ParseLeave(msg.Body)
+	return lv, err == nil && lv.Reason == gkd.LeaveWill
 }
 
 func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
@@ -419,10 +455,6 @@ func (s *Server) leaveLocked(m *member, lv gkd.Leave) {
 		}
 		switch lv.Reason {
 		case gkd.LeaveWill:
-			if lv.ConnID != m.connID {
-				s.warn("oldwill:"+m.name, "ignored a Will for an earlier connection", "member", m.name)
-				continue
-			}
 			s.suspendLocked(g, m)
 		default:
 			g.leaving[m.name] = true
