@@ -45,7 +45,7 @@ func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []b
 	m := outboundMessage{topic: topic, qos: qos, retain: retain, payload: payload}
 	group, ok := sc.policy.Group(topic)
 	if !ok {
-		if sc.deny {
+		if sc.deny.Load() {
 			sc.metrics.drop("out", DropDenied)
 			return m, errDenied
 		}

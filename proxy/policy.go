@@ -22,7 +22,7 @@ type Rule struct {
 // dropped inbound, never relayed in clear. A topic no rule matches is
 // unprotected.
 type Policy struct {
-	local  []Rule
+	local  atomic.Pointer[[]Rule]
 	server atomic.Pointer[[]Rule]
 }
 
@@ -31,7 +31,9 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 	if err := checkRules(rules, "protect"); err != nil {
 		return nil, err
 	}
-	p := &Policy{local: append([]Rule(nil), rules...)}
+	p := &Policy{}
+	local := append([]Rule(nil), rules...)
+	p.local.Store(&local)
 	p.server.Store(&[]Rule{})
 	return p, nil
 }
@@ -58,9 +60,35 @@ func (p *Policy) SetServerPolicy(rules []Rule) error {
 	if err := checkRules(rules, "key server policy"); err != nil {
 		return err
 	}
-	for _, l := range p.local {
+	if err := conflicts(*p.local.Load(), rules); err != nil {
+		return err
+	}
+	cp := append([]Rule(nil), rules...)
+	p.server.Store(&cp)
+	return nil
+}
+
+// SetLocalRules replaces the sidecar's own protect rules (a reload). Rules
+// that conflict with the key server's policy are refused and the old ones
+// kept.
+func (p *Policy) SetLocalRules(rules []Rule) error {
+	if err := checkRules(rules, "protect"); err != nil {
+		return err
+	}
+	if err := conflicts(rules, *p.server.Load()); err != nil {
+		return err
+	}
+	cp := append([]Rule(nil), rules...)
+	p.local.Store(&cp)
+	return nil
+}
+
+// conflicts reports a local filter that overlaps a server filter of
+// another group.
+func conflicts(local, server []Rule) error {
+	for _, l := range local {
 		for _, lf := range l.Filters {
-			for _, s := range rules {
+			for _, s := range server {
 				for _, sf := range s.Filters {
 					if s.Group != l.Group && FiltersOverlap(lf, sf) {
 						return fmt.Errorf("sidecar.protect: topic filter %q maps to group %q, but the key server's policy maps %q to another group", lf, l.Group, sf)
@@ -69,15 +97,13 @@ func (p *Policy) SetServerPolicy(rules []Rule) error {
 			}
 		}
 	}
-	cp := append([]Rule(nil), rules...)
-	p.server.Store(&cp)
 	return nil
 }
 
 // Group returns the group protecting topic, or ok == false when the topic is
 // unprotected.
 func (p *Policy) Group(topic string) (group string, ok bool) {
-	if g, ok := match(p.local, topic); ok {
+	if g, ok := match(*p.local.Load(), topic); ok {
 		return g, true
 	}
 	return match(*p.server.Load(), topic)
@@ -98,7 +124,7 @@ func match(rules []Rule, topic string) (string, bool) {
 func (p *Policy) Groups() []string {
 	var out []string
 	seen := map[string]bool{}
-	for _, r := range p.local {
+	for _, r := range *p.local.Load() {
 		if !seen[r.Group] {
 			seen[r.Group] = true
 			out = append(out, r.Group)

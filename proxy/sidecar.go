@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -54,7 +55,7 @@ type Sidecar struct {
 	opts   Options
 	log    *slog.Logger
 	policy *Policy
-	deny   bool
+	deny   atomic.Bool
 	keys   Keys
 	opener *envelope.Opener
 	server *mqtt.Server
@@ -127,7 +128,6 @@ func New(opts Options) (*Sidecar, error) {
 		opts:     opts,
 		log:      log,
 		policy:   policy,
-		deny:     opts.Deny,
 		keys:     opts.Keys,
 		opener:   envelope.NewOpener(opts.Keys, 4096),
 		queue:    q,
@@ -136,6 +136,7 @@ func New(opts Options) (*Sidecar, error) {
 		inbound:  make(chan paho.Message, 4096),
 		warnLast: make(map[string]time.Time),
 	}
+	sc.deny.Store(opts.Deny)
 	sc.ctx, sc.cancel = context.WithCancel(context.Background())
 	sc.metrics = newMetrics(opts.Registry, func() float64 { return float64(q.Len()) })
 	sc.mOutProtected = sc.metrics.Messages.WithLabelValues("out", "protected")
@@ -376,6 +377,22 @@ type levelFilter struct {
 
 func (l levelFilter) Enabled(ctx context.Context, lv slog.Level) bool {
 	return lv >= l.min && l.Handler.Enabled(ctx, lv)
+}
+
+// SetRules replaces the local protect rules and the unmatched policy
+// without dropping any connection (SIGHUP). Keys for new groups must be in
+// the key ring already.
+func (sc *Sidecar) SetRules(rules []Rule, deny bool) error {
+	for _, r := range rules {
+		if _, err := sc.keys.Sealer(r.Group); err != nil && sc.opts.NoKeyWait == 0 {
+			return fmt.Errorf("proxy: protect rule for group %q: %w", r.Group, err)
+		}
+	}
+	if err := sc.policy.SetLocalRules(rules); err != nil {
+		return err
+	}
+	sc.deny.Store(deny)
+	return nil
 }
 
 // SetServerPolicy installs the key server's signed topic policy (see

@@ -85,8 +85,15 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	s := <-sig
+	for ; s == syscall.SIGHUP; s = <-sig {
+		if err := reloadSidecar(*cfgPath, cfg, sc, opts); err != nil {
+			log.Error("reload refused; keeping the running configuration", "error", oneLine(err))
+			continue
+		}
+		log.Info("configuration reloaded: protect rules and unmatched policy applied")
+	}
 	log.Info("shutting down", "signal", s.String(), "queued", sc.QueueLen())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -100,6 +107,40 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 		log.Warn("messages left in the outbound queue; they are sent at the next start", "queued", n)
 	}
 	return nil
+}
+
+// reloadSidecar applies a changed configuration's protect rules, unmatched
+// policy and new static keys; anything else needs a restart and is refused.
+func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts proxy.Options) error {
+	f, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	cfg, err := f.SidecarConfig()
+	if err != nil {
+		return err
+	}
+	if fmt.Sprint(cfg.Listen, cfg.Upstream, cfg.DataDir, cfg.Keyserver != nil) != fmt.Sprint(running.Listen, running.Upstream, running.DataDir, running.Keyserver != nil) {
+		return errors.New("sidecar.listen, sidecar.upstream, sidecar.data_dir and sidecar.keyserver change only with a restart")
+	}
+	ring := opts.Keys.(*keyclient.Ring)
+	for group, path := range cfg.StaticKeys {
+		if _, known := running.StaticKeys[group]; known {
+			continue
+		}
+		k, err := gkd.LoadGroupKey(path)
+		if err != nil {
+			return fmt.Errorf("sidecar.static_keys.%s: %w", group, err)
+		}
+		if err := ring.AddStatic(group, envelope.GroupKey(k)); err != nil {
+			return err
+		}
+	}
+	var rules []proxy.Rule
+	for _, r := range cfg.Protect {
+		rules = append(rules, proxy.Rule{Filters: r.Topics, Group: r.Group})
+	}
+	return sc.SetRules(rules, cfg.Unmatched == config.UnmatchedDeny)
 }
 
 // sidecarOptions turns a validated sidecar config into proxy options.
