@@ -376,7 +376,13 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 		return
 	}
 	delete(c.joins, r.RequestNonce)
-	c.state[group].refused = r.Reason
+	st := c.state[group]
+	st.refused = r.Reason
+	if st.joined {
+		// Revoked while holding keys: stop sealing at once.
+		st.joined = false
+		c.opts.Ring.Forget(group)
+	}
 	c.cond.Broadcast()
 	c.log.Error("the key server refused to admit this sidecar to a group", "group", group, "reason", r.Reason)
 }

@@ -138,6 +138,15 @@ func (r *Ring) Retire(group string, epoch uint32) {
 	}
 }
 
+// Forget drops every key of a group: nothing is sealed or opened for it
+// until keys are installed again.
+func (r *Ring) Forget(group string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.keys, group)
+	delete(r.sealers, group)
+}
+
 // Sealer returns the sealer a group's messages are protected with now, or
 // ErrNoKey.
 func (r *Ring) Sealer(group string) (*envelope.Sealer, error) {

@@ -90,6 +90,7 @@ type group struct {
 
 	pending   []pendingJoin   // waiting for the next rekey (update)
 	leaving   map[string]bool // to be removed at the next rekey
+	revoking  bool            // the next rekey removes a revoked member
 	rekeyAt   *time.Timer
 	suspended map[string]*time.Timer // Will received: leave unless the member answers
 	challenge map[string][16]byte
@@ -291,6 +292,7 @@ func (s *Server) Reload(opts Options) error {
 		for name := range g.rec.Joined {
 			if !g.allowed[name] || s.byName[name] == nil {
 				g.leaving[name] = true
+				g.revoking = true
 				revoked = true
 				s.log.Warn("member revoked: rekeying", "group", g.cfg.Name, "member", name)
 			}
@@ -555,6 +557,14 @@ func (s *Server) rekeyNowLocked(g *group) {
 	}
 	now := time.Now()
 	activate := now.Add(g.cfg.RekeyLead)
+	// The previous epoch stays open for receive_retention, so that queued
+	// messages sealed under it are read; after a revocation only for
+	// send_grace, so that the revoked member cannot go on injecting.
+	retention := g.cfg.ReceiveRetention
+	if g.revoking {
+		retention = g.cfg.SendGrace
+		g.revoking = false
+	}
 	isNew := map[string]bool{}
 	for _, p := range newcomers {
 		isNew[p.m.name] = true
@@ -570,7 +580,7 @@ func (s *Server) rekeyNowLocked(g *group) {
 			Group: g.id, Epoch: rec.Epoch, Counter: rec.Counter,
 			ActivateAt:    activate,
 			PrevSendUntil: activate.Add(g.cfg.SendGrace),
-			PrevOpenUntil: activate.Add(g.cfg.ReceiveRetention),
+			PrevOpenUntil: activate.Add(retention),
 		}
 		copy(body.Key[:], rec.Key)
 		msg, err := gkd.SealedMessage(s.opts.Identity, m.pk, gkd.TypeRekey, body)

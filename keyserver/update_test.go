@@ -76,6 +76,10 @@ func TestUpdateLeaveThreeWays(t *testing.T) {
 			if _, has := leaver.Ring.GroupKey(fleet.Group, after); has {
 				t.Fatalf("the member that left by %s holds the new epoch's key", l.name)
 			}
+			if l.name == "revoked" {
+				// its next join is refused, and it stops sealing altogether
+				waitFor(t, func() bool { _, err := leaver.Ring.Sealer(fleet.Group); return err != nil }, "the revoked member stops sealing")
+			}
 		})
 	}
 }
