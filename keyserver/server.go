@@ -18,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/smqtt/smqtt/gkd"
@@ -50,12 +52,14 @@ type Options struct {
 	// server's clock (default 2 min); requests are remembered that long.
 	RequestWindow time.Duration
 	Logger        *slog.Logger
+	Registry      prometheus.Registerer // nil: metrics kept but not exported
 }
 
 // Server is a running key server.
 type Server struct {
 	opts  Options
 	log   *slog.Logger
+	m     *metrics
 	id    [8]byte
 	store *store
 
@@ -130,6 +134,7 @@ func New(opts Options) (*Server, error) {
 		willsSeen: make(map[[16]byte]bool),
 		warned:    make(map[string]time.Time),
 		replay:    gkd.NewReplayCache(opts.RequestWindow, 1<<20),
+		m:         newMetrics(opts.Registry),
 	}
 	if blob := st.getMeta(keyReplay); len(blob) > 0 {
 		if err := s.replay.UnmarshalBinary(blob); err != nil {
@@ -319,6 +324,7 @@ func (s *Server) Reload(opts Options) error {
 func (s *Server) onRequest(raw []byte) {
 	msg, err := gkd.Parse(raw)
 	if err != nil {
+		s.m.dropped.WithLabelValues("malformed").Inc()
 		s.warn("malformed", "dropped a malformed key-distribution message", "error", err)
 		return
 	}
@@ -329,6 +335,7 @@ func (s *Server) onRequest(raw []byte) {
 	}
 	m := s.members[msg.Sender]
 	if m == nil {
+		s.m.dropped.WithLabelValues("unknown").Inc()
 		s.warn("unknown:"+fmt.Sprintf("%x", msg.Sender), "dropped a request from an identity the configuration does not name", "id", fmt.Sprintf("%x", msg.Sender))
 		return
 	}
@@ -337,10 +344,12 @@ func (s *Server) onRequest(raw []byte) {
 		return
 	}
 	if !s.allow(m.id) {
+		s.m.dropped.WithLabelValues("rate").Inc()
 		s.warn("rate:"+m.name, "rate limit: dropped a request", "member", m.name)
 		return
 	}
 	if err := msg.Verify(m.pk); err != nil {
+		s.m.dropped.WithLabelValues("forged").Inc()
 		s.warn("forged:"+m.name, "dropped a request with a bad signature", "member", m.name, "error", err)
 		return
 	}
@@ -357,6 +366,7 @@ func (s *Server) onRequest(raw []byte) {
 		return
 	}
 	if err := s.replay.Check(msg.Sender, msg.Nonce, msg.Time, time.Now()); err != nil {
+		s.m.dropped.WithLabelValues("replay").Inc()
 		s.warn("replay:"+m.name, "dropped a replayed or stale request", "member", m.name, "error", err)
 		return
 	}
@@ -556,6 +566,10 @@ func (s *Server) rekeyNowLocked(g *group) {
 		return
 	}
 	now := time.Now()
+	defer func() { s.m.rekeyDur.Observe(time.Since(now).Seconds()) }()
+	s.m.rekeys.WithLabelValues(g.cfg.Name).Inc()
+	s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(rec.Joined)))
+	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(rec.Epoch))
 	activate := now.Add(g.cfg.RekeyLead)
 	// The previous epoch stays open for receive_retention, so that queued
 	// messages sealed under it are read; after a revocation only for
@@ -606,9 +620,17 @@ func (s *Server) sendJoinResponseLocked(g *group, m *member, nonce [16]byte, sen
 		return
 	}
 	s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id), msg)
+	s.m.joins.WithLabelValues(g.cfg.Name).Inc()
+	s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(g.rec.Joined)))
+	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(g.rec.Epoch))
 }
 
 func (s *Server) refuseLocked(m *member, gid [8]byte, nonce [16]byte, code gkd.RefusalCode, reason string) {
+	name := "unknown"
+	if g := s.groups[gid]; g != nil {
+		name = g.cfg.Name
+	}
+	s.m.refused.WithLabelValues(name, code.String()).Inc()
 	s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id),
 		mustPlain(s.opts.Identity, m.id, gkd.TypeRefusal, gkd.Refusal{Group: gid, RequestNonce: nonce, Code: code, Reason: reason}))
 }

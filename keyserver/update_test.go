@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/keyserver"
 )
@@ -154,4 +156,36 @@ func TestStaticGroupKeepsOneKey(t *testing.T) {
 	must(t, a.App.Publish("secure/s", 1, false, []byte("static")))
 	expect(t, b.App, "secure/s", "static")
 	_ = fmt.Sprint()
+}
+
+// TestKeyServerMetrics: the key server counts joins and rekeys and shows
+// each group's members and epoch.
+func TestKeyServerMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	up, err := embedded.Start(embedded.Options{})
+	must(t, err)
+	t.Cleanup(func() { up.Close() })
+	fl, err := fleet.New(fleet.Options{UpstreamURL: up.URL(), UpstreamAddr: up.Addr(), Dir: t.TempDir(), Members: []string{"a", "b"}, Registry: reg})
+	must(t, err)
+	t.Cleanup(fl.Close)
+	f := &testFleet{Fleet: fl, t: t, up: up}
+	a, b := f.join("a"), f.join("b")
+	epoch := settle(t, a, b)
+	b.Close()
+	waitEpoch(t, a, epoch)
+	got := map[string]float64{}
+	mfs, err := reg.Gather()
+	must(t, err)
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			v := m.GetCounter().GetValue() + m.GetGauge().GetValue()
+			got[mf.GetName()] += v
+		}
+	}
+	if got["smqtt_keyserver_joins_total"] < 2 || got["smqtt_keyserver_rekeys_total"] < 2 {
+		t.Fatalf("joins %v, rekeys %v: counters did not move", got["smqtt_keyserver_joins_total"], got["smqtt_keyserver_rekeys_total"])
+	}
+	if got["smqtt_keyserver_members"] != 1 || got["smqtt_keyserver_epoch"] != float64(a.Epoch()) {
+		t.Fatalf("members %v epoch %v, want 1 and %d", got["smqtt_keyserver_members"], got["smqtt_keyserver_epoch"], a.Epoch())
+	}
 }

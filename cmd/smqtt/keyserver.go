@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/smqtt/smqtt/config"
 	"github.com/smqtt/smqtt/gkd"
@@ -37,6 +38,9 @@ func runKeyserver(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	opts.Registry = reg
 	srv, err := keyserver.New(opts)
 	if err != nil {
 		return err
@@ -46,7 +50,6 @@ func runKeyserver(args []string, stdout, stderr io.Writer) error {
 	}
 	log.Info("key server started", "public_key_id", opts.Identity.Public().ID(), "groups", len(opts.Groups), "members", len(opts.Members))
 	if cfg.MetricsListen != "" {
-		reg := prometheus.NewRegistry()
 		health := func() error {
 			if !srv.Connected() {
 				return errors.New("upstream not connected")

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/smqtt/smqtt/gkd"
 	"github.com/smqtt/smqtt/internal/faultnet"
 	"github.com/smqtt/smqtt/internal/mqttconn"
@@ -34,6 +36,7 @@ type Options struct {
 	Members      []string // allowed in the group
 	Others       []string // known to the key server but not in the group
 	Logger       *slog.Logger
+	Registry     prometheus.Registerer // the key server's metrics
 	// Timings (tests shorten them): defaults 100ms, 300ms, 2s, 5s, 300ms, 300ms.
 	RekeyBatch, RekeyLead, SendGrace, ReceiveRetention, Heartbeat, LeaveDelay time.Duration
 }
@@ -109,6 +112,7 @@ func New(o Options) (*Fleet, error) {
 		Heartbeat:  o.Heartbeat,
 		LeaveDelay: o.LeaveDelay,
 		Logger:     o.Logger,
+		Registry:   o.Registry,
 	}
 	if err := f.StartServer(); err != nil {
 		return nil, err
