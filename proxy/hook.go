@@ -86,16 +86,28 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if err == nil {
 		err = sc.sendOutbound(sc.ctx, m)
 	}
-	if err != nil {
-		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 {
-			if errors.Is(err, errDenied) || errors.Is(err, errNoKey) {
-				return pk, packets.ErrNotAuthorized
-			}
-			return pk, packets.ErrImplementationSpecificError
+	switch {
+	case err == nil:
+		return pk, packets.CodeSuccessIgnore // acknowledged; routed by upstream, not locally
+	case cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0:
+		if errors.Is(err, errDenied) || errors.Is(err, errNoKey) {
+			return pk, packets.ErrNotAuthorized // a negative PUBACK/PUBREC
 		}
+		return pk, packets.ErrImplementationSpecificError
+	case errors.Is(err, errDenied):
+		// MQTT 3.1.1 has no negative acknowledgement: like a broker whose
+		// ACL denies a publish, acknowledge and drop (counted).
+		return pk, packets.CodeSuccessIgnore
+	case pk.FixedHeader.Qos > 0:
+		// No key, or the queue failed: the application must not take the
+		// message as delivered. Disconnecting it makes it send the message
+		// again when it reconnects.
+		sc.limitedWarn("disconnect-"+cl.ID, "disconnecting a local client whose QoS 1/2 publish cannot be sent", "client", cl.ID, "topic", pk.TopicName, "error", err)
+		sc.server.DisconnectClient(cl, packets.ErrNotAuthorized)
+		return pk, packets.ErrRejectPacket
+	default:
 		return pk, packets.ErrRejectPacket
 	}
-	return pk, packets.CodeSuccessIgnore
 }
 
 // OnWill relays a local client's Will upstream, protected like any publish,
