@@ -145,6 +145,25 @@ func e2eSuite(t *testing.T, up upstream, seen spy) {
 		}
 	})
 
+	t.Run("unprotected retained messages and Wills behave as on a plain broker", func(t *testing.T) {
+		topic := "plain/retained/" + uniq("t")
+		pub := r.app(a, uniq("pub"))
+		must(t, pub.Publish(topic, 1, true, []byte("plain retained")))
+		late := r.app(b, uniq("late"))
+		must(t, late.Subscribe(topic, 1))
+		if m := expect(t, late, topic, "plain retained"); !m.Retain {
+			t.Error("retained message delivered without retain set")
+		}
+		expectNone(t, late, 300*time.Millisecond)
+		sub := r.app(b, uniq("sub"))
+		must(t, sub.Subscribe("plain/will/#", 1))
+		dieAbruptly(t, a, "plain/will/x", "gone")
+		expect(t, sub, "plain/will/x", "gone")
+		if seen != nil && !seen.Contains([]byte("plain retained")) {
+			t.Fatal("the broker did not see the unprotected retained payload unchanged")
+		}
+	})
+
 	t.Run("a Will on a protected topic is delivered and sealed", func(t *testing.T) {
 		sub := r.app(b, uniq("sub"))
 		must(t, sub.Subscribe("secure/will/#", 1))

@@ -17,6 +17,7 @@ type Relay struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
 	closed bool
+	down   bool
 	wg     sync.WaitGroup
 }
 
@@ -42,6 +43,13 @@ func (r *Relay) accept() {
 		c, err := r.ln.Accept()
 		if err != nil {
 			return
+		}
+		r.mu.Lock()
+		down := r.down
+		r.mu.Unlock()
+		if down {
+			c.Close()
+			continue
 		}
 		up, err := net.Dial("tcp", r.target)
 		if err != nil {
@@ -98,6 +106,22 @@ func (r *Relay) Cut() int {
 	}
 	clear(r.conns)
 	return n / 2
+}
+
+// Down cuts every connection and refuses new ones until Up: the broker is
+// unreachable from this relay's clients, and only from them.
+func (r *Relay) Down() {
+	r.mu.Lock()
+	r.down = true
+	r.mu.Unlock()
+	r.Cut()
+}
+
+// Up accepts connections again.
+func (r *Relay) Up() {
+	r.mu.Lock()
+	r.down = false
+	r.mu.Unlock()
 }
 
 // Close stops the relay and cuts everything.
