@@ -104,7 +104,7 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 		d.payload = m.Payload()
 		d.action = actPublish
 		if m.Retained() {
-			d.action = actRetained
+			d.action, d.valueID = actRetained, payloadID(d.payload)
 		}
 		sc.mInPlain.Inc()
 		return d
@@ -153,7 +153,7 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 func (sc *Sidecar) deliver(d *delivery) {
 	switch d.action {
 	case actPublish:
-		if had := sc.pendingRetained.claimLive(d.topic, d.valueID); had != nil {
+		if had := sc.pendingRetained.claimLive(d.topic, d.valueID, d.payload); had != nil {
 			sc.excludeMu.Lock()
 			sc.exclude, sc.excludeTopic = had, d.topic
 			sc.excludeMu.Unlock()

@@ -16,6 +16,8 @@ package proxy
 // seen: a broker cannot roll a topic back to a superseded value.
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"strconv"
 	"sync"
 	"time"
@@ -79,16 +81,20 @@ func (p *pendingRetained) claimRetained(topic, id string) []*pendingSub {
 	return out
 }
 
-// claimLive records that a live message (value id, "" when unprotected) goes
-// to every local subscriber of topic: waiting subscriptions are current
-// from now on. It returns the clients that already had this very value as a
-// retained message (upstream may send both when a publish races a
-// subscribe), which must not get it twice.
-func (p *pendingRetained) claimLive(topic, id string) map[string]bool {
+// claimLive records that a live message goes to every local subscriber of
+// topic: waiting subscriptions are current from now on. It returns the
+// clients that already had this very value as a retained message (upstream
+// may send both when a publish races a subscribe), which must not get it
+// twice. id names the value; "" derives it from the payload (unprotected
+// topics), only when some subscription is waiting.
+func (p *pendingRetained) claimLive(topic, id string, payload []byte) map[string]bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if len(p.subs) == 0 {
 		return nil
+	}
+	if id == "" {
+		id = payloadID(payload)
 	}
 	var had map[string]bool
 	for _, s := range p.subs {
@@ -132,6 +138,12 @@ func (sc *Sidecar) deliverRetained(topic, id string, payload []byte, qos byte) {
 			sc.log.Debug("retained delivery to local client failed", "client", p.client, "topic", topic, "error", err)
 		}
 	}
+}
+
+// payloadID names an unprotected value by its content.
+func payloadID(payload []byte) string {
+	h := sha256.Sum256(payload)
+	return "p." + hex.EncodeToString(h[:16])
 }
 
 // valueID names a sealed value for deduplication between the retained and
