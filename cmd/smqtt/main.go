@@ -39,6 +39,7 @@ func commands() []command {
 		{"keygen", "write a new identity (-o FILE) or, with --group, a static group key", runKeygen},
 		{"pubkey", "print the public key of an identity file", runPubkey},
 		{"demo", "run broker, sidecars and apps in one process and check no plaintext leaks", runDemo},
+		{"bench", "measure throughput and latency (smqtt bench -h)", runBench},
 		{"version", "print the version", runVersion},
 	}
 }

@@ -1,0 +1,188 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/bench"
+)
+
+func runBench(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "rekey" {
+		return runBenchRekey(args[1:], stdout, stderr)
+	}
+	fs := newFlags("bench", `bench [--topologies direct,passthrough,protected] [--upstream URL] [--qos N] [--size N] [--messages N] ...
+       smqtt bench rekey -h     (key distribution: joins and the rekey after a leave)
+
+Drives real MQTT clients through each topology and prints a table, then one
+"BENCH {json}" line per scenario. Apps, sidecars and (unless --upstream) the
+broker run in this process, so CPU and RSS are the whole process's.
+Topologies: direct (apps on the upstream broker), passthrough (two sidecars,
+nothing protected), protected (two sidecars, every benchmark topic sealed
+under a static group key), chain (apps publish on --chain-pub and subscribe
+on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
+	topologies := strings.Join([]string{bench.Direct, bench.Passthrough, bench.Protected}, ",")
+	fs.StringVar(&topologies, "topologies", topologies, "comma-separated: "+strings.Join(bench.Topologies, ", "))
+	fs.StringVar(&topologies, "topology", topologies, "same as --topologies")
+	upstream := fs.String("upstream", "", "external upstream broker URL (default: an embedded mochi-mqtt broker)")
+	chainPub := fs.String("chain-pub", "", "topology chain: broker URL the publishers connect to")
+	chainSub := fs.String("chain-sub", "", "topology chain: broker URL the subscribers connect to")
+	qos := fs.Int("qos", 1, "QoS of publishes and subscriptions: 0, 1 or 2")
+	size := fs.Int("size", 256, fmt.Sprintf("payload bytes (at least %d)", bench.HeaderLen))
+	messages := fs.Int("messages", 20000, "messages per publisher")
+	publishers := fs.Int("publishers", 1, "publishing apps")
+	subscribers := fs.Int("subscribers", 1, "subscribing apps, each gets every message (fan-out)")
+	rate := fs.Float64("rate", 0, "messages per second per publisher (0: as fast as the path takes)")
+	window := fs.Int("window", 1000, "publishes not yet acknowledged, per publisher")
+	timeout := fs.Duration("timeout", 60*time.Second, "each scenario stops after this long")
+	name := fs.String("name", "", "prefix of the scenario names (e.g. the upstream's name)")
+	jsonOnly := fs.Bool("json", false, "print only the BENCH lines")
+	newLog := logFlags(fs, stderr, "error")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := newLog()
+	if err != nil {
+		return err
+	}
+	var topos []string
+	for _, t := range strings.Split(topologies, ",") {
+		t = strings.TrimSpace(t)
+		if !slices.Contains(bench.Topologies, t) {
+			return fmt.Errorf("--topologies: %q is not one of %s", t, strings.Join(bench.Topologies, ", "))
+		}
+		topos = append(topos, t)
+	}
+	if slices.Contains(topos, bench.Chain) && (*chainPub == "" || *chainSub == "") {
+		return fmt.Errorf("--topologies: chain needs --chain-pub and --chain-sub")
+	}
+	switch {
+	case *qos < 0 || *qos > 2:
+		return fmt.Errorf("--qos: %d is not 0, 1 or 2", *qos)
+	case *size < bench.HeaderLen:
+		return fmt.Errorf("--size: %d is below the %d-byte header", *size, bench.HeaderLen)
+	case *messages < 1:
+		return fmt.Errorf("--messages: %d must be at least 1", *messages)
+	case *publishers < 1:
+		return fmt.Errorf("--publishers: %d must be at least 1", *publishers)
+	case *subscribers < 1:
+		return fmt.Errorf("--subscribers: %d must be at least 1", *subscribers)
+	case *rate < 0:
+		return fmt.Errorf("--rate: %g is negative", *rate)
+	case *window < 1:
+		return fmt.Errorf("--window: %d must be at least 1", *window)
+	case *timeout <= 0:
+		return fmt.Errorf("--timeout: %s must be positive", *timeout)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if !*jsonOnly {
+		up := *upstream
+		if up == "" {
+			up = "embedded mochi-mqtt (in this process)"
+		}
+		fmt.Fprintf(stdout, "upstream %s; QoS %d, %d-byte payloads, %d messages × %d publishers, %d subscribers, rate %s\n\n",
+			up, *qos, *size, *messages, *publishers, *subscribers, rateString(*rate))
+	}
+	rs, err := bench.Suite(ctx, bench.Options{
+		Name: *name, UpstreamURL: *upstream, ChainPub: *chainPub, ChainSub: *chainSub,
+		QoS: byte(*qos), Size: *size, Messages: *messages, Publishers: *publishers, Subscribers: *subscribers,
+		Rate: *rate, Window: *window, Timeout: *timeout, Progress: stderr, Logger: log,
+	}, topos, nil)
+	if !*jsonOnly && len(rs) > 0 {
+		if werr := bench.WriteTable(stdout, rs); werr != nil {
+			return werr
+		}
+		fmt.Fprintln(stdout)
+	}
+	for _, r := range rs {
+		fmt.Fprintln(stdout, r.Line())
+	}
+	return err
+}
+
+func rateString(r float64) string {
+	if r == 0 {
+		return "unlimited"
+	}
+	return strconv.FormatFloat(r, 'f', -1, 64) + " msg/s per publisher"
+}
+
+func runBenchRekey(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("bench rekey", `bench rekey [--members 100,200] [--scheme update] [--suite hybrid|x25519] [--json]
+
+For each member count n: n key-only members join one group (join time and
+joins/s), then one leaves; it measures the time until every remaining member
+holds the new epoch's key, and counts the sealed Rekey messages the key server
+sent. Runs an embedded broker and key server in this process.
+Scheme: update only in this build (slotted and lkh are not implemented yet).`, stderr)
+	members := fs.String("members", "100,200", "comma-separated member counts (each at least 2)")
+	scheme := fs.String("scheme", "update", "group key scheme: update only in this build")
+	suite := fs.String("suite", string(gkd.SuiteHybrid), "KEM of the identities: hybrid (ML-KEM-768 + X25519) or x25519")
+	batch := fs.Duration("rekey-batch", 100*time.Millisecond, "the key server gathers joins and leaves this long before one rekey")
+	timeout := fs.Duration("timeout", 120*time.Second, "bound for the joins, and again for the leave")
+	jsonOnly := fs.Bool("json", false, "print only the BENCH lines")
+	newLog := logFlags(fs, stderr, "error")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := newLog()
+	if err != nil {
+		return err
+	}
+	if *scheme != "update" {
+		return fmt.Errorf("--scheme: %q is not available in this build (update only)", *scheme)
+	}
+	if *suite != string(gkd.SuiteHybrid) && *suite != string(gkd.SuiteX25519) {
+		return fmt.Errorf("--suite: %q is not hybrid or x25519", *suite)
+	}
+	if *batch <= 0 {
+		return fmt.Errorf("--rekey-batch: %s must be positive", *batch)
+	}
+	var counts []int
+	for _, s := range strings.Split(*members, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 2 {
+			return fmt.Errorf("--members: %q is not a count of at least 2", s)
+		}
+		counts = append(counts, n)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if !*jsonOnly {
+		fmt.Fprintf(stdout, "embedded broker and key server in this process; scheme %s, %s identities, rekey batch %s\n\n", *scheme, *suite, *batch)
+	}
+	var rs []bench.RekeyResult
+	var runErr error
+	for _, n := range counts {
+		fmt.Fprintf(stderr, "bench rekey: %d members\n", n)
+		r, err := bench.Rekey(ctx, bench.RekeyOptions{
+			Members: n, Scheme: *scheme, Suite: gkd.Suite(*suite), RekeyBatch: *batch,
+			Timeout: *timeout, Progress: stderr, Logger: log,
+		})
+		if err != nil {
+			runErr = err
+			break
+		}
+		rs = append(rs, r)
+	}
+	if !*jsonOnly && len(rs) > 0 {
+		if err := bench.WriteRekeyTable(stdout, rs); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout)
+	}
+	for _, r := range rs {
+		fmt.Fprintln(stdout, r.Line())
+	}
+	return runErr
+}

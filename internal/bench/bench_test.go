@@ -1,0 +1,131 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smqtt/smqtt/gkd"
+)
+
+var resultKeys = []string{"name", "topology", "qos", "size", "sent", "received", "lost", "dup", "ooo",
+	"msgs_per_s", "p50_us", "p90_us", "p99_us", "max_us", "cpu_s_per_1k", "rss_mib"}
+
+func TestSuiteDeliversEveryMessageOnceOnEachTopology(t *testing.T) {
+	var progress bytes.Buffer
+	rs, err := Suite(context.Background(), Options{
+		QoS: 1, Size: 64, Messages: 500, Subscribers: 2, Timeout: 20 * time.Second, Dir: t.TempDir(), Progress: &progress,
+	}, []string{Direct, Passthrough, Protected}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs) != 3 {
+		t.Fatalf("got %d results, want 3", len(rs))
+	}
+	for _, r := range rs {
+		t.Run(r.Topology, func(t *testing.T) {
+			if r.Sent != 500 || r.Received != 1000 || r.Lost != 0 || r.Dup != 0 {
+				t.Errorf("sent %d received %d lost %d dup %d; want 500 sent, 1000 received (2 subscribers), none lost or duplicated",
+					r.Sent, r.Received, r.Lost, r.Dup)
+			}
+			if r.MsgsPerS <= 0 || r.P50us <= 0 || r.MaxUs < r.P99us || r.P99us < r.P50us || r.RSSMiB <= 0 {
+				t.Errorf("implausible figures: %+v", r)
+			}
+			line := r.Line()
+			raw, ok := strings.CutPrefix(line, LinePrefix)
+			if !ok {
+				t.Fatalf("line %q does not start with %q", line, LinePrefix)
+			}
+			var m map[string]any
+			if err := json.Unmarshal([]byte(raw), &m); err != nil {
+				t.Fatalf("line %q: %v", line, err)
+			}
+			for _, k := range resultKeys {
+				if _, ok := m[k]; !ok {
+					t.Errorf("line %q lacks key %q", line, k)
+				}
+			}
+			if len(m) != len(resultKeys) {
+				t.Errorf("line has %d keys, want exactly %d: %q", len(m), len(resultKeys), line)
+			}
+		})
+	}
+	var table bytes.Buffer
+	if err := WriteTable(&table, rs); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"direct", "passthrough", "protected", "process CPU"} {
+		if !strings.Contains(table.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, table.String())
+		}
+	}
+}
+
+func TestRunRefusesBadOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		o    Options
+	}{
+		{"unknown topology", Options{Topology: "mesh", UpstreamURL: "tcp://127.0.0.1:1"}},
+		{"no upstream", Options{Topology: Direct}},
+		{"chain without brokers", Options{Topology: Chain}},
+		{"qos 3", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", QoS: 3}},
+		{"payload below the header", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", Size: HeaderLen - 1}},
+		{"negative rate", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", Rate: -1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := Run(context.Background(), tc.o); !errors.Is(err, ErrOptions) {
+				t.Errorf("Run: %v, want ErrOptions", err)
+			}
+		})
+	}
+}
+
+func TestSubscriberCountsDuplicatesAndReordering(t *testing.T) {
+	s := &subscriber{}
+	s.t.seen = [][]uint64{make([]uint64, 1)}
+	s.t.high = make([]uint64, 1)
+	for _, seq := range []uint64{0, 2, 1, 2, 3} {
+		s.add(payload(0, seq, HeaderLen))
+	}
+	s.add(payload(7, 0, HeaderLen)) // an unknown publisher is ignored
+	s.add([]byte("short"))
+	got := s.stop()
+	if got.received != 4 || got.dup != 1 || got.ooo != 1 || len(got.lat) != 4 {
+		t.Errorf("received %d dup %d ooo %d latencies %d; want 4, 1, 1, 4", got.received, got.dup, got.ooo, len(got.lat))
+	}
+}
+
+func TestLeaveSendsOneRekeyToEachRemainingMember(t *testing.T) {
+	r, err := Rekey(context.Background(), RekeyOptions{Members: 10, Suite: gkd.SuiteX25519, Dir: t.TempDir(), Timeout: 15 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.RekeyMsgs != 9 {
+		t.Errorf("rekey messages = %d, want 9 (one per remaining member)", r.RekeyMsgs)
+	}
+	if r.JoinS <= 0 || r.JoinsPerS <= 0 || r.LeaveMs <= 0 {
+		t.Errorf("implausible figures: %+v", r)
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(r.Line(), LinePrefix)), &m); err != nil {
+		t.Fatalf("line %q: %v", r.Line(), err)
+	}
+	for _, k := range []string{"name", "scheme", "members", "join_s", "joins_per_s", "leave_ms", "rekey_msgs", "cpu_s", "rss_mib"} {
+		if _, ok := m[k]; !ok {
+			t.Errorf("line %q lacks key %q", r.Line(), k)
+		}
+	}
+}
+
+func TestRekeyRefusesSchemesThisBuildLacks(t *testing.T) {
+	for _, scheme := range []string{"lkh", "slotted", "static"} {
+		if _, err := Rekey(context.Background(), RekeyOptions{Members: 3, Scheme: scheme}); !errors.Is(err, ErrOptions) {
+			t.Errorf("scheme %s: %v, want ErrOptions", scheme, err)
+		}
+	}
+}
