@@ -20,6 +20,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -43,6 +46,9 @@ type ClientOptions struct {
 	Logger       *slog.Logger
 	// OnPolicy receives each newer verified topic policy.
 	OnPolicy func(gkd.Policy)
+	// PolicyVersionFile, when set, keeps the newest policy version seen, so
+	// that a restarted sidecar refuses an older signed policy.
+	PolicyVersionFile string
 }
 
 // ErrRefused wraps a key server's signed refusal.
@@ -67,14 +73,15 @@ type Client struct {
 	server [8]byte
 	gids   map[[8]byte]string
 
-	mu      sync.Mutex
-	cond    *sync.Cond
-	conn    paho.Client
-	connID  [16]byte
-	joins   map[[16]byte]string // outstanding join nonce -> group
-	state   map[string]*groupState
-	policyV uint64
-	closed  bool
+	mu         sync.Mutex
+	cond       *sync.Cond
+	conn       paho.Client
+	connID     [16]byte
+	joins      map[[16]byte]string // outstanding join nonce -> group
+	state      map[string]*groupState
+	policyV    uint64
+	policySeen bool
+	closed     bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -119,6 +126,11 @@ func NewClient(o ClientOptions) (*Client, error) {
 		done:   make(chan struct{}),
 	}
 	c.cond = sync.NewCond(&c.mu)
+	if o.PolicyVersionFile != "" {
+		if b, err := os.ReadFile(o.PolicyVersionFile); err == nil {
+			c.policyV, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		}
+	}
 	for _, g := range o.Groups {
 		c.gids[gkd.GroupID(c.server, g)] = g
 		c.state[g] = &groupState{}
@@ -312,9 +324,14 @@ func (c *Client) onMessage(raw []byte) {
 			return
 		}
 		c.mu.Lock()
-		newer := p.Version > c.policyV || c.policyV == 0
+		newer := p.Version > c.policyV || c.policyV == 0 && !c.policySeen
 		if newer {
-			c.policyV = p.Version
+			c.policyV, c.policySeen = p.Version, true
+			if f := c.opts.PolicyVersionFile; f != "" {
+				if err := os.WriteFile(f, []byte(strconv.FormatUint(p.Version, 10)+"\n"), 0o600); err != nil {
+					c.log.Error("storing the policy version failed", "file", f, "error", err)
+				}
+			}
 		}
 		c.mu.Unlock()
 		if newer && c.opts.OnPolicy != nil {
@@ -453,7 +470,9 @@ func (c *Client) onHeartbeat(msg *gkd.Message) {
 	}
 	st.counter = h.Counter
 	st.lastBeat = time.Now()
-	c.freshLocked(st, group)
+	if h.Epoch == st.epoch {
+		c.freshLocked(st, group)
+	}
 	if h.Epoch != st.epoch {
 		// A rekey this member never got (lost, or hidden by the broker):
 		// join again for the current key.
@@ -507,9 +526,9 @@ func (c *Client) Status() []GroupStatus {
 	return out
 }
 
-// Abandon stops the client as a crash would: no leave is sent and the
-// connection is not closed cleanly (tests cut it underneath first, so the
-// broker publishes the Will).
+// Abandon stops the client as a crash would: no leave is sent, nothing
+// reconnects, and the connection is left open, not closed cleanly (tests
+// then cut it underneath, so the broker publishes the Will).
 func (c *Client) Abandon() {
 	c.mu.Lock()
 	c.closed = true

@@ -55,17 +55,18 @@ func checkRules(rules []Rule, what string) error {
 // SetServerPolicy installs the key server's topic policy. Rules name groups
 // as the sidecar knows them (a group it does not belong to may carry any
 // name that is not one of its own). A local rule whose filter overlaps a
-// server filter of another group is an error: the policy is not installed.
+// server filter of another group is reported as an error; the policy is
+// installed all the same.
 func (p *Policy) SetServerPolicy(rules []Rule) error {
 	if err := checkRules(rules, "key server policy"); err != nil {
 		return err
 	}
-	if err := conflicts(*p.local.Load(), rules); err != nil {
-		return err
-	}
+	// Installed even when it conflicts: the key server's filters are
+	// protected whatever happens (a conflicting topic keeps its local
+	// group, first match, so it is never sent in clear either).
 	cp := append([]Rule(nil), rules...)
 	p.server.Store(&cp)
-	return nil
+	return conflicts(*p.local.Load(), rules)
 }
 
 // SetLocalRules replaces the sidecar's own protect rules (a reload). Rules

@@ -37,8 +37,11 @@ func TestPolicyUnionAndConflicts(t *testing.T) {
 	if _, ok := p.Group("other/x"); ok {
 		t.Fatal("unprotected topic reported protected")
 	}
-	if err := p.SetServerPolicy([]Rule{{Filters: []string{"secure/a/#"}, Group: "ops"}}); err == nil {
+	if err := p.SetServerPolicy([]Rule{{Filters: []string{"secure/a/#"}, Group: "ops"}, {Filters: []string{"ops/#"}, Group: "ops"}}); err == nil {
 		t.Fatal("a local rule overlapping another group's server filter was accepted")
+	}
+	if g, ok := p.Group("ops/x"); !ok || g != "ops" {
+		t.Fatalf("a conflicting policy left the server's other filters unprotected: %q %v", g, ok)
 	}
 	if err := p.SetServerPolicy([]Rule{{Filters: []string{"secure/#"}, Group: "demo"}, {Filters: []string{"other/#"}, Group: "#ops"}}); err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"io"
 
@@ -48,14 +49,15 @@ func runKeygen(args []string, stdout, stderr io.Writer) error {
 
 func runPubkey(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("pubkey", "pubkey FILE", stderr)
-	if err := fs.Parse(args); err != nil {
-		return errUsage
-	}
-	if fs.NArg() != 1 {
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
 		fs.Usage()
+		return flag.ErrHelp
+	}
+	if len(args) != 1 {
+		fmt.Fprintln(stderr, "smqtt pubkey: name one identity file (smqtt pubkey FILE)")
 		return errUsage
 	}
-	id, err := gkd.LoadIdentity(fs.Arg(0))
+	id, err := gkd.LoadIdentity(args[0])
 	if err != nil {
 		return err
 	}

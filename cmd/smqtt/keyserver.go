@@ -116,6 +116,9 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 	}
 	var groups []keyserver.GroupConfig
 	for i, g := range cfg.Groups {
+		if g.SenderAuth {
+			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].sender_auth: per-sender signatures are not available in this build yet", i)
+		}
 		if g.Scheme != config.SchemeStatic && g.Scheme != config.SchemeUpdate {
 			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].scheme: %q is not available in this build yet (static, update)", i, g.Scheme)
 		}

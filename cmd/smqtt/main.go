@@ -107,10 +107,19 @@ func newFlags(name, synopsis string, stderr io.Writer) *flag.FlagSet {
 // parseFlags parses and turns flag errors into errUsage (the flag package
 // has printed them already).
 func parseFlags(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
+	// A bad flag is one line naming it; -h prints the whole usage.
+	out, usage := fs.Output(), fs.Usage
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	err := fs.Parse(args)
+	fs.SetOutput(out)
+	fs.Usage = usage
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fs.Usage()
 			return err
 		}
+		fmt.Fprintf(out, "%s: %v (see %s -h)\n", fs.Name(), err, fs.Name())
 		return errUsage
 	}
 	if fs.NArg() > 0 {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -228,21 +229,28 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 	}
 	up := opts.Upstream
 	up.ClientID += "-keys"
+	firstPolicy := make(chan error, 1)
 	kc, err := keyclient.NewClient(keyclient.ClientOptions{
-		Identity:     id,
-		Server:       serverKey,
-		Upstream:     up,
-		TopicPrefix:  cfg.Keyserver.TopicPrefix,
-		Groups:       groups,
-		MaxStaleness: cfg.Keyserver.MaxStaleness,
-		Ring:         opts.Keys.(*keyclient.Ring),
-		Logger:       log,
+		Identity:          id,
+		Server:            serverKey,
+		Upstream:          up,
+		TopicPrefix:       cfg.Keyserver.TopicPrefix,
+		Groups:            groups,
+		MaxStaleness:      cfg.Keyserver.MaxStaleness,
+		Ring:              opts.Keys.(*keyclient.Ring),
+		Logger:            log,
+		PolicyVersionFile: filepath.Join(cfg.DataDir, "policy-version"),
 		OnPolicy: func(p gkd.Policy) {
-			if err := sc.SetServerPolicy(policyRules(p, names)); err != nil {
-				log.Error("the key server's topic policy conflicts with the local protect rules; keeping the previous policy", "error", err)
-				return
+			err := sc.SetServerPolicy(policyRules(p, names))
+			if err != nil {
+				log.Error("the key server's topic policy conflicts with the local protect rules (its filters are protected all the same)", "error", err)
+			} else {
+				log.Info("topic policy from the key server installed", "version", p.Version, "filters", len(p.Entries))
 			}
-			log.Info("topic policy from the key server installed", "version", p.Version, "filters", len(p.Entries))
+			select {
+			case firstPolicy <- err:
+			default:
+			}
 		},
 	})
 	if err != nil {
@@ -257,6 +265,15 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 			return nil, fmt.Errorf("sidecar.keyserver: %w", err)
 		}
 		log.Warn("groups not joined yet; protected messages wait for their keys", "error", err)
+	}
+	select {
+	case err := <-firstPolicy:
+		if err != nil {
+			kc.Close()
+			return nil, err
+		}
+	case <-time.After(10 * time.Second):
+		log.Warn("no topic policy from the key server yet; protecting the local rules only until it arrives")
 	}
 	for _, st := range kc.Status() {
 		log.Info("group", "group", st.Group, "joined", st.Joined, "epoch", st.Epoch, "sender", st.Sender)

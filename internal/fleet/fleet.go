@@ -219,8 +219,8 @@ func (n *Node) Epoch() uint32 {
 // Crash stops the node's key client as a crash would: its connection is cut
 // under it (so the broker publishes its Will) and it sends no leave.
 func (n *Node) Crash() {
+	n.Keys.Abandon() // first, so that it does not reconnect
 	n.Relay.Cut()
-	n.Keys.Abandon()
 }
 
 // Close stops the node cleanly (its key client leaves the group).
