@@ -112,6 +112,9 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 		if err != nil {
 			return keyserver.Options{}, nil, fmt.Errorf("keyserver.members[%d].public_key: %w", i, err)
 		}
+		if string(pk.Suite()) != string(cfg.KEM) {
+			return keyserver.Options{}, nil, fmt.Errorf("keyserver.members[%d].public_key: a %s key, but keyserver.kem is %s (make it with smqtt keygen --kem %s)", i, pk.Suite(), cfg.KEM, cfg.KEM)
+		}
 		members[m.Name] = pk
 	}
 	var groups []keyserver.GroupConfig
