@@ -164,3 +164,30 @@ func willsOn(f *testFleet, topic string) [][]byte {
 	}
 	return out
 }
+
+// TestStaleKeysStopSealing: when the key server's signed heartbeats stop
+// (the server is gone, or a broker withholds them to hide a rekey), a
+// sidecar stops sealing after max_staleness and starts again once fresh
+// heartbeats return.
+func TestStaleKeysStopSealing(t *testing.T) {
+	f := newFleet(t, "update", []string{"a"})
+	a := f.join("a")
+	settle(t, a)
+	must(t, f.KS.Close()) // heartbeats stop
+	waitFor(t, func() bool {
+		_, err := a.Ring.Sealer(fleet.Group)
+		return errors.Is(err, keyclient.ErrStale)
+	}, "sealing stops for lack of heartbeats")
+	must(t, a.App.Publish("secure/stale", 0, false, []byte("STALE-SECRET")))
+	time.Sleep(100 * time.Millisecond)
+	if f.up.Spy.Contains([]byte("STALE-SECRET")) {
+		t.Fatal("plaintext on the wire")
+	}
+	for _, s := range f.up.Spy.All() {
+		if s.Topic == "secure/stale" {
+			t.Fatal("a message was sealed with a stale key")
+		}
+	}
+	must(t, f.StartServer())
+	waitFor(t, func() bool { _, err := a.Ring.Sealer(fleet.Group); return err == nil }, "sealing resumes with fresh heartbeats")
+}
