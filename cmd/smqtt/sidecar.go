@@ -63,6 +63,7 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	registerGroupGauges(reg, cfg, opts.Keys.(*keyclient.Ring))
 	var kc *keyclient.Client
 	if cfg.Keyserver != nil {
 		if kc, err = startKeyClient(cfg, opts, sc, log); err != nil {
@@ -198,6 +199,34 @@ func sidecarOptions(cfg *config.Sidecar, log *slog.Logger, reg prometheus.Regist
 		Logger:   log,
 		Registry: reg,
 	}, nil
+}
+
+// registerGroupGauges exports, per protected group, the epoch the sidecar
+// seals with and whether it can seal now (a key, fresh heartbeats).
+func registerGroupGauges(reg prometheus.Registerer, cfg *config.Sidecar, ring *keyclient.Ring) {
+	seen := map[string]bool{}
+	for _, r := range cfg.Protect {
+		g := r.Group
+		if seen[g] {
+			continue
+		}
+		seen[g] = true
+		labels := prometheus.Labels{"group": g}
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "smqtt_sidecar_group_epoch", Help: "The epoch the sidecar seals the group's messages with (0: none).", ConstLabels: labels,
+		}, func() float64 {
+			e, _ := ring.SendEpoch(g)
+			return float64(e)
+		}))
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "smqtt_sidecar_group_sealing", Help: "1 while the sidecar holds a fresh key to seal the group's messages.", ConstLabels: labels,
+		}, func() float64 {
+			if _, err := ring.Sealer(g); err != nil {
+				return 0
+			}
+			return 1
+		}))
+	}
 }
 
 // startKeyClient joins, through the key server, every protected group that

@@ -214,6 +214,12 @@ sidecar:
 			t.Errorf("%s went from %v to %v, want an increase", series, before[series], after[series])
 		}
 	}
+	if v := after[`smqtt_sidecar_group_epoch{group="demo"}`]; v != 1 {
+		t.Errorf(`smqtt_sidecar_group_epoch{group="demo"} = %v, want 1 (the static epoch)`, v)
+	}
+	if v := after[`smqtt_sidecar_group_sealing{group="demo"}`]; v != 1 {
+		t.Errorf(`smqtt_sidecar_group_sealing{group="demo"} = %v, want 1`, v)
+	}
 	if v, ok := after["smqtt_sidecar_upstream_connected"]; !ok || v != 1 {
 		t.Errorf("smqtt_sidecar_upstream_connected = %v (present %v), want 1", v, ok)
 	}
