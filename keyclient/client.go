@@ -436,6 +436,7 @@ func (c *Client) onRekey(msg *gkd.Message) {
 	st.counter, st.epoch, st.lastRekey = r.Counter, r.Epoch, time.Now()
 	c.activateAtLocked(st, group, r.Epoch, r.ActivateAt)
 	if prev != 0 && prev != r.Epoch {
+		c.opts.Ring.SetSendUntil(group, prev, r.PrevSendUntil)
 		ring := c.opts.Ring
 		st.timers = append(st.timers, time.AfterFunc(time.Until(r.PrevOpenUntil), func() { ring.Retire(group, prev) }))
 	}

@@ -39,6 +39,7 @@ type Ring struct {
 	keys    map[string]map[uint32]*envelope.GroupKey // group -> epoch -> key (receive side)
 	senders map[string]uint64                        // group -> this process's sender id
 	fresh   map[string]time.Time                     // group -> seal only until (key server mode)
+	until   map[string]map[uint32]time.Time          // group -> epoch -> senders stop using it
 	now     func() time.Time
 }
 
@@ -49,6 +50,7 @@ func NewRing() *Ring {
 		keys:    make(map[string]map[uint32]*envelope.GroupKey),
 		senders: make(map[string]uint64),
 		fresh:   make(map[string]time.Time),
+		until:   make(map[string]map[uint32]time.Time),
 		now:     time.Now,
 	}
 }
@@ -117,6 +119,25 @@ func (r *Ring) SendEpoch(group string) (uint32, bool) {
 	return 0, false
 }
 
+// SetSendUntil records when senders stop using an epoch (a rekey's
+// prev_send_until).
+func (r *Ring) SetSendUntil(group string, epoch uint32, t time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.until[group] == nil {
+		r.until[group] = make(map[uint32]time.Time)
+	}
+	r.until[group][epoch] = t
+}
+
+// SendUntil returns when senders stop using an epoch, if a rekey said so.
+func (r *Ring) SendUntil(group string, epoch uint32) (time.Time, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	t, ok := r.until[group][epoch]
+	return t, ok
+}
+
 // FreshUntil makes the ring refuse to seal for group after t: a key server
 // whose signed heartbeats stop arriving may have rekeyed without us (a
 // broker can hide a rekey), so sealing stops (fail closed).
@@ -133,6 +154,7 @@ func (r *Ring) Retire(group string, epoch uint32) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.keys[group], epoch)
+	delete(r.until[group], epoch)
 	if s := r.sealers[group]; s != nil && s.Epoch() == epoch {
 		delete(r.sealers, group)
 	}

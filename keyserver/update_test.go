@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/smqtt/smqtt/envelope"
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/keyserver"
@@ -188,5 +189,43 @@ func TestKeyServerMetrics(t *testing.T) {
 	current, _ := f.KS.GroupEpoch(fleet.Group)
 	if got["smqtt_keyserver_members"] != 1 || got["smqtt_keyserver_epoch"] != float64(current) {
 		t.Fatalf("members %v epoch %v, want 1 and %d", got["smqtt_keyserver_members"], got["smqtt_keyserver_epoch"], current)
+	}
+}
+
+// TestQueuedMessagePastSendGraceIsResealed: a message queued while the
+// sidecar's upstream was down, under an epoch that senders had to stop
+// using meanwhile (a rekey plus send_grace), leaves the queue re-sealed under
+// the current epoch, and is delivered.
+func TestQueuedMessagePastSendGraceIsResealed(t *testing.T) {
+	up, err := embedded.Start(embedded.Options{})
+	must(t, err)
+	t.Cleanup(func() { up.Close() })
+	fl, err := fleet.New(fleet.Options{
+		UpstreamURL: up.URL(), UpstreamAddr: up.Addr(), Dir: t.TempDir(), Members: []string{"a", "b", "c"},
+		RekeyLead: 100 * time.Millisecond, SendGrace: 200 * time.Millisecond,
+	})
+	must(t, err)
+	t.Cleanup(fl.Close)
+	f := &testFleet{Fleet: fl, t: t, up: up}
+	a, b := f.join("a"), f.join("b")
+	old := settle(t, a, b)
+	must(t, b.App.Subscribe("secure/#", 1))
+
+	a.Data.Down()
+	waitFor(t, func() bool { return !a.Side.Connected() }, "a's upstream down")
+	must(t, a.App.Publish("secure/q", 1, false, []byte("queued across a rekey")))
+	c := f.join("c")
+	current := settle(t, a, b, c)
+	if current == old {
+		t.Fatal("no rekey")
+	}
+	time.Sleep(400 * time.Millisecond) // past activate_at + send_grace
+	a.Data.Up()
+	expect(t, b.App, "secure/q", "queued across a rekey")
+	env := f.captured("secure/q")
+	h, err := envelope.ParseHeader(env)
+	must(t, err)
+	if h.Epoch != current {
+		t.Fatalf("the queued message went out under epoch %d, want the current %d", h.Epoch, current)
 	}
 }

@@ -101,6 +101,9 @@ func newBridge(opts UpstreamOptions, log *slog.Logger, onAck func(recordID uint6
 			onConnect()
 		}).
 		SetConnectionLostHandler(func(_ paho.Client, err error) { onLost(err) })
+	if !proxyFromEnvironment() {
+		o.SetCustomOpenConnectionFn(dialUpstream) // buffered reads, batched writes (upstreamconn.go)
+	}
 	b.client = paho.NewClient(o)
 	return b
 }
@@ -165,7 +168,11 @@ func (b *bridge) disconnect(quiesce time.Duration) {
 // publishQueued hands one queued record to paho, waiting for a free
 // in-flight slot first. It returns once paho has stored the message (and will
 // send or resend it until upstream acknowledges it), or when ctx ends.
-func (b *bridge) publishQueued(ctx context.Context, id uint64, topic string, qos byte, retain bool, payload []byte) error {
+//
+// reseal runs just before the message is handed to paho (after any wait for
+// the connection): a message that waited past its epoch's send grace is
+// re-sealed then. Once handed over, it is resent byte for byte.
+func (b *bridge) publishQueued(ctx context.Context, id uint64, topic string, qos byte, retain bool, payload []byte, reseal func([]byte) []byte) error {
 	select {
 	case b.slots <- struct{}{}:
 	case <-ctx.Done():
@@ -178,7 +185,7 @@ func (b *bridge) publishQueued(ctx context.Context, id uint64, topic string, qos
 			return err
 		}
 		b.store.expect(id)
-		tok := b.client.Publish(topic, qos, retain, payload)
+		tok := b.client.Publish(topic, qos, retain, reseal(payload))
 		b.donePublishing()
 		if b.store.taken() {
 			return nil

@@ -118,10 +118,55 @@ func (sc *Sidecar) runSender(ctx context.Context) {
 		if err != nil {
 			return
 		}
-		if err := sc.bridge.publishQueued(ctx, rec.ID, rec.Topic, rec.QoS, rec.Retain, rec.Payload); err != nil {
+		reseal := func(p []byte) []byte { return sc.resealIfRetired(rec.Topic, p) }
+		if err := sc.bridge.publishQueued(ctx, rec.ID, rec.Topic, rec.QoS, rec.Retain, rec.Payload, reseal); err != nil {
 			return
 		}
 	}
+}
+
+// sendWindow is implemented by key rings that know when senders must stop
+// using an epoch (keyclient.Ring).
+type sendWindow interface {
+	SendUntil(group string, epoch uint32) (time.Time, bool)
+}
+
+// resealIfRetired re-seals a queued message whose epoch senders had to stop
+// using while it waited (past send_grace, e.g. after a long upstream
+// outage) under the group's current epoch. Everything else leaves the
+// queue byte for byte as it was sealed.
+func (sc *Sidecar) resealIfRetired(topic string, payload []byte) []byte {
+	sw, ok := sc.keys.(sendWindow)
+	if !ok {
+		return payload
+	}
+	group, protected := sc.policy.Group(topic)
+	if !protected {
+		return payload
+	}
+	h, err := envelope.ParseHeader(payload)
+	if err != nil {
+		return payload
+	}
+	until, ok := sw.SendUntil(group, h.Epoch)
+	if !ok || time.Now().Before(until) {
+		return payload
+	}
+	sealer, err := sc.keys.Sealer(group)
+	if err != nil || sealer.Epoch() == h.Epoch {
+		return payload
+	}
+	_, plain, err := sc.opener.Open(nil, group, topic, payload)
+	if err != nil {
+		sc.log.Warn("a queued message's epoch is retired and it no longer opens; sending it as sealed", "topic", topic, "epoch", h.Epoch, "error", err)
+		return payload
+	}
+	resealed, _, err := sealer.Seal(make([]byte, 0, len(payload)), topic, h.Flags, plain)
+	if err != nil {
+		return payload
+	}
+	sc.log.Info("re-sealed a queued message under the current epoch", "topic", topic, "from", h.Epoch, "to", sealer.Epoch())
+	return resealed
 }
 
 // onUpstreamAck is called by the bridge when upstream acknowledged a record.

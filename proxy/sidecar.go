@@ -200,7 +200,7 @@ func listen(i int, raw string, tlsConf *tls.Config) (listeners.Listener, net.Add
 			}
 			nl = tls.NewListener(nl, tlsConf)
 		}
-		return listeners.NewNet(id, nl), nl.Addr(), nil
+		return listeners.NewNet(id, batchedListener{nl}), nl.Addr(), nil
 	case "ws":
 		addr, err := net.ResolveTCPAddr("tcp", u.Host)
 		if err != nil {

@@ -61,6 +61,7 @@ type Node struct {
 	Keys  *keyclient.Client
 	Side  *proxy.Sidecar
 	Relay *faultnet.Relay // the key client's path to upstream, to cut it
+	Data  *faultnet.Relay // the sidecar's path to upstream
 	App   *mqtttest.App
 }
 
@@ -182,9 +183,12 @@ func (f *Fleet) Join(name string) (*Node, error) {
 		return nil, err
 	}
 	dir := filepath.Join(f.Opts.Dir, name)
+	if n.Data, err = faultnet.New(f.Opts.UpstreamAddr); err != nil {
+		return nil, err
+	}
 	n.Side, err = proxy.New(proxy.Options{
 		Listen:    []string{"tcp://127.0.0.1:0"},
-		Upstream:  proxy.UpstreamOptions{URL: f.Opts.UpstreamURL, ClientID: name, MaxReconnectInterval: 200 * time.Millisecond},
+		Upstream:  proxy.UpstreamOptions{URL: n.Data.URL(), ClientID: name, MaxReconnectInterval: 200 * time.Millisecond},
 		Rules:     []proxy.Rule{{Filters: []string{"secure/#"}, Group: Group}},
 		Keys:      n.Ring,
 		DataDir:   dir,
@@ -235,6 +239,9 @@ func (n *Node) Close() {
 	}
 	n.Keys.Close()
 	n.Relay.Close()
+	if n.Data != nil {
+		n.Data.Close()
+	}
 }
 
 // Settle waits until every node seals with one epoch and returns it.

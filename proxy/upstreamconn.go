@@ -1,0 +1,240 @@
+package proxy
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"sync"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+)
+
+// The bridge's upstream connection reads through a buffer and coalesces its
+// writes. paho reads each packet's fixed header a byte at a time straight
+// from the socket and writes every packet with a system call of its own, from
+// one goroutine: at a few thousand messages a second those calls are most of
+// the bridge's CPU. A batched connection changes how bytes reach the socket,
+// never which bytes or in what order, so the ordering and resend guarantees
+// (bridge.go) are those of the connection underneath.
+
+const (
+	upstreamReadBuffer = 32 << 10
+	// upstreamWriteBacklog bounds the bytes written and not yet handed to the
+	// socket; past it Write waits (backpressure, as a full socket would).
+	upstreamWriteBacklog = 64 << 10
+	// closeFlushWait bounds how long Close waits for pending bytes (a
+	// DISCONNECT) to reach the socket before it cuts the connection.
+	closeFlushWait = time.Second
+)
+
+// batchedListener hands out batched connections: the local broker writes
+// each PUBACK with a system call of its own, from the client's read loop.
+// mochi buffers its reads already.
+type batchedListener struct{ net.Listener }
+
+func (l batchedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return newBatchedConn(c, 0, writeTimeout), nil
+}
+
+// dialUpstream opens the upstream connection as paho would, and batches it.
+func dialUpstream(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
+	dialer := o.Dialer
+	if dialer == nil {
+		dialer = &net.Dialer{Timeout: 30 * time.Second}
+	}
+	var (
+		conn net.Conn
+		err  error
+	)
+	switch u.Scheme {
+	case "ws", "wss":
+		d := *u
+		d.User = nil // gorilla websocket refuses URLs with user info
+		var tc *tls.Config
+		if u.Scheme == "wss" {
+			tc = o.TLSConfig
+		}
+		conn, err = paho.NewWebsocket(d.String(), tc, o.ConnectTimeout, o.HTTPHeaders, o.WebsocketOptions)
+	case "mqtt", "tcp":
+		conn, err = dialer.Dial("tcp", u.Host)
+	case "unix":
+		path := u.Host
+		if path == "" {
+			path = u.Path
+		}
+		conn, err = dialer.Dial("unix", path)
+	case "ssl", "tls", "mqtts", "mqtt+ssl", "tcps":
+		conn, err = tls.DialWithDialer(dialer, "tcp", u.Host, o.TLSConfig)
+	default:
+		return nil, fmt.Errorf("upstream %s: unsupported scheme %q", u.Redacted(), u.Scheme)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return newBatchedConn(conn, upstreamReadBuffer, writeTimeout), nil
+}
+
+// proxyFromEnvironment reports whether paho would dial through a proxy
+// named by the environment; dialUpstream does not, so the bridge then keeps
+// paho's own dialing.
+func proxyFromEnvironment() bool {
+	return os.Getenv("ALL_PROXY") != "" || os.Getenv("all_proxy") != ""
+}
+
+// batchedConn is a net.Conn with a read buffer and a writer goroutine that
+// hands everything written since its last system call to the socket in the
+// next one. Write copies and returns; a failed socket write is returned by
+// the next Write and by Read (so paho sees the connection fail), and the
+// connection is unusable after it.
+type batchedConn struct {
+	net.Conn
+	r       io.Reader // Conn, or a buffer over it
+	timeout time.Duration // per socket write
+
+	mu      sync.Mutex
+	drained sync.Cond // pending shrank, or err was set
+	pending []byte
+	err     error // the first socket write error
+	closing bool
+	wake    chan struct{} // a token: pending became non-empty, or closing
+	done    chan struct{} // the writer goroutine ended
+}
+
+var errConnClosed = errors.New("upstream connection closed")
+
+// newBatchedConn wraps c; readBuffer 0 leaves reads unbuffered (for a
+// reader that buffers already).
+func newBatchedConn(c net.Conn, readBuffer int, timeout time.Duration) *batchedConn {
+	b := &batchedConn{
+		Conn:    c,
+		r:       c,
+		timeout: timeout,
+		wake:    make(chan struct{}, 1),
+		done:    make(chan struct{}),
+	}
+	if readBuffer > 0 {
+		b.r = bufio.NewReaderSize(c, readBuffer)
+	}
+	b.drained.L = &b.mu
+	go b.writeLoop()
+	return b
+}
+
+func (b *batchedConn) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil {
+		b.mu.Lock()
+		if b.err != nil {
+			err = b.err // the reader was woken because a write failed
+		}
+		b.mu.Unlock()
+	}
+	return n, err
+}
+
+func (b *batchedConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for b.err == nil && !b.closing && len(b.pending) >= upstreamWriteBacklog {
+		b.drained.Wait()
+	}
+	switch {
+	case b.err != nil:
+		return 0, b.err
+	case b.closing:
+		return 0, errConnClosed
+	}
+	if len(b.pending) == 0 {
+		b.signal()
+	}
+	b.pending = append(b.pending, p...)
+	return len(p), nil
+}
+
+// signal leaves the writer a wake-up token. Callers hold mu.
+func (b *batchedConn) signal() {
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (b *batchedConn) writeLoop() {
+	defer close(b.done)
+	var out []byte
+	for range b.wake {
+		for {
+			b.mu.Lock()
+			out, b.pending = b.pending, out[:0]
+			closing := b.closing
+			b.mu.Unlock()
+			if len(out) == 0 {
+				if closing {
+					return
+				}
+				break
+			}
+			_ = b.Conn.SetWriteDeadline(time.Now().Add(b.timeout))
+			_, err := b.Conn.Write(out)
+			b.mu.Lock()
+			if err != nil {
+				b.err = err
+				// Wake the reader: paho learns of a broken connection
+				// from its reads.
+				_ = b.Conn.SetReadDeadline(time.Unix(1, 0))
+			}
+			b.drained.Broadcast()
+			b.mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}
+}
+
+// Close hands what is pending (paho's DISCONNECT) to the socket, waiting
+// at most closeFlushWait, then closes the connection.
+func (b *batchedConn) Close() error {
+	b.mu.Lock()
+	if !b.closing {
+		b.closing = true
+		b.signal()
+		b.drained.Broadcast()
+	}
+	b.mu.Unlock()
+	t := time.NewTimer(closeFlushWait)
+	defer t.Stop()
+	select {
+	case <-b.done:
+	case <-t.C:
+	}
+	err := b.Conn.Close()
+	<-b.done // a write still in progress fails now
+	return err
+}
+
+// SetDeadline and SetReadDeadline apply to reads only: the writer goroutine
+// bounds each socket write by its own timeout. A connection whose write
+// failed keeps its reader woken.
+func (b *batchedConn) SetDeadline(t time.Time) error { return b.SetReadDeadline(t) }
+
+func (b *batchedConn) SetReadDeadline(t time.Time) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.err != nil {
+		return nil
+	}
+	return b.Conn.SetReadDeadline(t)
+}
+
+func (b *batchedConn) SetWriteDeadline(time.Time) error { return nil }
