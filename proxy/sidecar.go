@@ -271,7 +271,7 @@ func (sc *Sidecar) MirroredFilters() []string {
 // Whatever is still queued is sent after the next start.
 func (sc *Sidecar) Close(ctx context.Context) error {
 	sc.closeOnce.Do(func() {
-		_ = sc.server.Close() // no new local publishes
+		sc.closeLocalBroker() // no new local publishes
 		t := time.NewTicker(10 * time.Millisecond)
 	drain:
 		for sc.queue.Len() > 0 && sc.bridge.connected() {
@@ -288,6 +288,24 @@ func (sc *Sidecar) Close(ctx context.Context) error {
 		sc.closeErr = sc.closeStores()
 	})
 	return sc.closeErr
+}
+
+// closeLocalBroker closes the local broker, bounded: mochi 2.7.9's Close
+// can deadlock when a client disconnects at that very moment (a recursive
+// read lock in Clients.GetByListener meets the disconnecting client's write
+// lock). The broker is going away either way; a stuck close must not keep
+// the sidecar from draining its queue and closing its stores.
+func (sc *Sidecar) closeLocalBroker() {
+	done := make(chan struct{})
+	go func() {
+		_ = sc.server.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		sc.log.Warn("the local broker did not close within 2 s; going on")
+	}
 }
 
 func (sc *Sidecar) closeStores() error {
