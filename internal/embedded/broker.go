@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
@@ -106,9 +107,18 @@ func (b *Broker) Close() error {
 	if b.server == nil {
 		return nil
 	}
-	err := b.server.Close()
+	// Bounded: mochi 2.7.9's Close can deadlock when a client disconnects
+	// at that very moment (see proxy.Sidecar's closeLocalBroker).
+	srv := b.server
 	b.server = nil
-	return err
+	done := make(chan error, 1)
+	go func() { done <- srv.Close() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(5 * time.Second):
+		return nil
+	}
 }
 
 // Restart stops the broker and starts it again on the same address, with
