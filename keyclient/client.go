@@ -63,6 +63,9 @@ type GroupStatus struct {
 	LastRekey time.Time
 	LastBeat  time.Time
 	Refused   string
+	// JoinLatency is the time from the last answered join request to its
+	// response (it includes the key server's rekey batching for newcomers).
+	JoinLatency time.Duration
 }
 
 // Client joins groups and keeps their keys in a Ring.
@@ -77,7 +80,8 @@ type Client struct {
 	cond       *sync.Cond
 	conn       paho.Client
 	connID     [16]byte
-	joins      map[[16]byte]string // outstanding join nonce -> group
+	joins      map[[16]byte]string    // outstanding join nonce -> group
+	sentAt     map[[16]byte]time.Time // when each outstanding join was sent
 	state      map[string]*groupState
 	policyV    uint64
 	policySeen bool
@@ -97,6 +101,8 @@ type groupState struct {
 	lastBeat  time.Time
 	refused   string
 	timers    []*time.Timer
+
+	joinLatency time.Duration
 }
 
 // NewClient prepares a client; Start runs it.
@@ -122,6 +128,7 @@ func NewClient(o ClientOptions) (*Client, error) {
 		server: o.Server.RawID(),
 		gids:   map[[8]byte]string{},
 		joins:  map[[16]byte]string{},
+		sentAt: map[[16]byte]time.Time{},
 		state:  map[string]*groupState{},
 		done:   make(chan struct{}),
 	}
@@ -247,6 +254,7 @@ func (c *Client) join(group string) {
 	}
 	c.mu.Lock()
 	c.joins[nonce] = group
+	c.sentAt[nonce] = time.Now()
 	conn := c.conn
 	c.mu.Unlock()
 	if conn != nil {
@@ -360,12 +368,14 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 		c.log.Warn("dropped a join response that answers no request of this process", "group", c.gids[r.Group])
 		return
 	}
+	st := c.state[group]
+	st.joinLatency = time.Since(c.sentAt[r.RequestNonce])
 	for n, g := range c.joins {
 		if g == group {
 			delete(c.joins, n)
+			delete(c.sentAt, n)
 		}
 	}
-	st := c.state[group]
 	if err := c.opts.Ring.Install(group, r.Epoch, envelope.GroupKey(r.Key), r.Sender, !time.Now().Before(r.ActivateAt)); err != nil {
 		c.log.Error("installing a group key failed", "group", group, "error", err)
 		return
@@ -393,6 +403,7 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 		return
 	}
 	delete(c.joins, r.RequestNonce)
+	delete(c.sentAt, r.RequestNonce)
 	st := c.state[group]
 	st.refused = r.Reason
 	if st.joined {
@@ -522,7 +533,7 @@ func (c *Client) Status() []GroupStatus {
 	var out []GroupStatus
 	for _, g := range c.opts.Groups {
 		st := c.state[g]
-		out = append(out, GroupStatus{Group: g, Joined: st.joined, Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused})
+		out = append(out, GroupStatus{Group: g, Joined: st.joined, Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused, JoinLatency: st.joinLatency})
 	}
 	return out
 }

@@ -140,6 +140,9 @@ func TestKeyServerRestartKeepsKeys(t *testing.T) {
 func TestStaticGroupKeepsOneKey(t *testing.T) {
 	f := newFleet(t, "static", []string{"a", "b"})
 	a := f.join("a")
+	if st := a.Keys.Status(); len(st) != 1 || !st[0].Joined || st[0].JoinLatency <= 0 {
+		t.Fatalf("key client status after joining: %+v", st)
+	}
 	k1, ok := a.Ring.GroupKey(fleet.Group, a.Epoch())
 	if !ok {
 		t.Fatal("no key")

@@ -66,7 +66,7 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	registerGroupGauges(reg, cfg, opts.Keys.(*keyclient.Ring))
 	var kc *keyclient.Client
 	if cfg.Keyserver != nil {
-		if kc, err = startKeyClient(cfg, opts, sc, log); err != nil {
+		if kc, err = startKeyClient(cfg, opts, sc, reg, log); err != nil {
 			sc.Close(context.Background())
 			return err
 		}
@@ -231,7 +231,7 @@ func registerGroupGauges(reg prometheus.Registerer, cfg *config.Sidecar, ring *k
 
 // startKeyClient joins, through the key server, every protected group that
 // has no static key, and feeds the key server's topic policy to the sidecar.
-func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, log *slog.Logger) (*keyclient.Client, error) {
+func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, reg prometheus.Registerer, log *slog.Logger) (*keyclient.Client, error) {
 	id, err := gkd.LoadIdentity(cfg.Identity)
 	if err != nil {
 		return nil, fmt.Errorf("sidecar.identity: %w", err)
@@ -286,6 +286,19 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 		return nil, err
 	}
 	kc.Start()
+	for _, g := range groups {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "smqtt_sidecar_join_seconds", Help: "Time from the last answered join request to the key server's response.",
+			ConstLabels: prometheus.Labels{"group": g},
+		}, func() float64 {
+			for _, st := range kc.Status() {
+				if st.Group == g {
+					return st.JoinLatency.Seconds()
+				}
+			}
+			return 0
+		}))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := kc.WaitJoined(ctx); err != nil {
@@ -305,7 +318,7 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 		log.Warn("no topic policy from the key server yet; protecting the local rules only until it arrives")
 	}
 	for _, st := range kc.Status() {
-		log.Info("group", "group", st.Group, "joined", st.Joined, "epoch", st.Epoch, "sender", st.Sender)
+		log.Info("group", "group", st.Group, "joined", st.Joined, "epoch", st.Epoch, "sender", st.Sender, "join_latency", st.JoinLatency)
 	}
 	return kc, nil
 }
