@@ -98,7 +98,7 @@ func proxyFromEnvironment() bool {
 // connection is unusable after it.
 type batchedConn struct {
 	net.Conn
-	r       io.Reader // Conn, or a buffer over it
+	r       io.Reader     // Conn, or a buffer over it
 	timeout time.Duration // per socket write
 
 	mu      sync.Mutex
