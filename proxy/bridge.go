@@ -137,6 +137,13 @@ func (b *bridge) donePublishing() {
 // waitReady blocks until new publishes may go out, or ctx ends, and then
 // counts the caller as publishing (donePublishing ends that).
 func (b *bridge) waitReady(ctx context.Context) error {
+	b.mu.Lock()
+	if b.ready { // the common case: no wake-up on ctx to arrange
+		b.publishing++
+		b.mu.Unlock()
+		return nil
+	}
+	b.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() {
 		b.mu.Lock()
 		b.cond.Broadcast()

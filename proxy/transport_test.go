@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"log/slog"
 	"math/big"
 	"net"
@@ -70,6 +71,28 @@ func TestUpstreamMutualTLS(t *testing.T) {
 		t.Fatal("connected to an mTLS broker without a client certificate")
 	}
 	sc.Close(t.Context())
+}
+
+// TestUpstreamWebSocket: the sidecars reach the broker over WebSocket (the
+// upstream connection is dialed by the sidecar, not by paho).
+func TestUpstreamWebSocket(t *testing.T) {
+	s := mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
+	must(t, s.AddHook(new(auth.AllowHook), nil))
+	addr := freeAddr(t)
+	must(t, s.AddListener(listeners.NewWebsocket(listeners.Config{ID: "ws", Address: addr})))
+	must(t, s.Serve())
+	t.Cleanup(func() { s.Close() })
+
+	r := newRig(t, tlsUpstream{"ws://" + addr})
+	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
+	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
+	must(t, sub.Subscribe("secure/ws/#", 1))
+	for i := range 50 {
+		must(t, pub.Publish(fmt.Sprintf("secure/ws/%d", i), 1, false, []byte(fmt.Sprintf("over websocket %d", i))))
+	}
+	for i := range 50 {
+		expect(t, sub, fmt.Sprintf("secure/ws/%d", i), fmt.Sprintf("over websocket %d", i))
+	}
 }
 
 type tlsUpstream struct{ url string }

@@ -43,7 +43,7 @@ func (l batchedListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newBatchedConn(c, 0, writeTimeout), nil
+	return newBatchedConn(c, 0, 0), nil
 }
 
 // dialUpstream opens the upstream connection as paho would, and batches it.
@@ -99,21 +99,23 @@ func proxyFromEnvironment() bool {
 type batchedConn struct {
 	net.Conn
 	r       io.Reader     // Conn, or a buffer over it
-	timeout time.Duration // per socket write
+	timeout time.Duration // per socket write; 0: the deadline set last
 
-	mu      sync.Mutex
-	drained sync.Cond // pending shrank, or err was set
-	pending []byte
-	err     error // the first socket write error
-	closing bool
-	wake    chan struct{} // a token: pending became non-empty, or closing
-	done    chan struct{} // the writer goroutine ended
+	mu       sync.Mutex
+	drained  sync.Cond // pending shrank, or err was set
+	pending  []byte
+	deadline time.Time // for socket writes, when timeout is 0
+	err      error     // the first socket write error
+	closing  bool
+	wake     chan struct{} // a token: pending became non-empty, or closing
+	done     chan struct{} // the writer goroutine ended
 }
 
 var errConnClosed = errors.New("upstream connection closed")
 
 // newBatchedConn wraps c; readBuffer 0 leaves reads unbuffered (for a
-// reader that buffers already).
+// reader that buffers already). Each socket write is bounded by timeout
+// when it is positive, and otherwise by the last deadline the caller set.
 func newBatchedConn(c net.Conn, readBuffer int, timeout time.Duration) *batchedConn {
 	b := &batchedConn{
 		Conn:    c,
@@ -176,7 +178,7 @@ func (b *batchedConn) writeLoop() {
 		for {
 			b.mu.Lock()
 			out, b.pending = b.pending, out[:0]
-			closing := b.closing
+			closing, deadline := b.closing, b.deadline
 			b.mu.Unlock()
 			if len(out) == 0 {
 				if closing {
@@ -184,7 +186,10 @@ func (b *batchedConn) writeLoop() {
 				}
 				break
 			}
-			_ = b.Conn.SetWriteDeadline(time.Now().Add(b.timeout))
+			if b.timeout > 0 {
+				deadline = time.Now().Add(b.timeout)
+			}
+			_ = b.Conn.SetWriteDeadline(deadline)
 			_, err := b.Conn.Write(out)
 			b.mu.Lock()
 			if err != nil {
@@ -223,10 +228,13 @@ func (b *batchedConn) Close() error {
 	return err
 }
 
-// SetDeadline and SetReadDeadline apply to reads only: the writer goroutine
-// bounds each socket write by its own timeout. A connection whose write
-// failed keeps its reader woken.
-func (b *batchedConn) SetDeadline(t time.Time) error { return b.SetReadDeadline(t) }
+// Deadlines for writes apply to the socket writes that start after they
+// are set (and to none when the connection has a timeout of its own). A
+// connection whose write failed keeps its reader woken.
+func (b *batchedConn) SetDeadline(t time.Time) error {
+	_ = b.SetWriteDeadline(t)
+	return b.SetReadDeadline(t)
+}
 
 func (b *batchedConn) SetReadDeadline(t time.Time) error {
 	b.mu.Lock()
@@ -237,4 +245,9 @@ func (b *batchedConn) SetReadDeadline(t time.Time) error {
 	return b.Conn.SetReadDeadline(t)
 }
 
-func (b *batchedConn) SetWriteDeadline(time.Time) error { return nil }
+func (b *batchedConn) SetWriteDeadline(t time.Time) error {
+	b.mu.Lock()
+	b.deadline = t
+	b.mu.Unlock()
+	return nil
+}

@@ -5,11 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/embedded"
 )
 
 var resultKeys = []string{"name", "topology", "qos", "size", "sent", "received", "lost", "dup", "ooo",
@@ -126,6 +129,42 @@ func TestRekeyRefusesSchemesThisBuildLacks(t *testing.T) {
 	for _, scheme := range []string{"lkh", "slotted", "static"} {
 		if _, err := Rekey(context.Background(), RekeyOptions{Members: 3, Scheme: scheme}); !errors.Is(err, ErrOptions) {
 			t.Errorf("scheme %s: %v, want ErrOptions", scheme, err)
+		}
+	}
+}
+
+// BenchmarkPath pushes b.N messages through each topology (one publisher,
+// one subscriber, 256-byte payloads) against an embedded upstream, for
+// profiling the data path:
+//
+//	go test -run '^$' -bench 'Path/protected/qos1' -benchtime 20000x -cpuprofile cpu.out ./internal/bench
+//
+// SMQTT_BENCH_UPSTREAM names another upstream broker (e.g. a Mosquitto).
+func BenchmarkPath(b *testing.B) {
+	url := os.Getenv("SMQTT_BENCH_UPSTREAM")
+	if url == "" {
+		up, err := embedded.Start(embedded.Options{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer up.Close()
+		url = up.URL()
+	}
+	for _, topo := range []string{Direct, Passthrough, Protected} {
+		for _, qos := range []byte{0, 1} {
+			b.Run(fmt.Sprintf("%s/qos%d", topo, qos), func(b *testing.B) {
+				r, err := Run(context.Background(), Options{
+					Topology: topo, UpstreamURL: url, QoS: qos, Messages: b.N, Dir: b.TempDir(),
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if r.Lost != 0 || r.Dup != 0 || r.OOO != 0 {
+					b.Errorf("lost %d dup %d out of order %d", r.Lost, r.Dup, r.OOO)
+				}
+				b.ReportMetric(r.MsgsPerS, "msg/s")
+				b.ReportMetric(r.CPUSPer1k*1e6/1000, "cpu-µs/msg")
+			})
 		}
 	}
 }
