@@ -18,7 +18,7 @@ import (
 // app on sidecar B while the sidecars' upstream connections are cut, twice,
 // and the upstream broker restarts (with persistence) in between, and checks
 // that every message arrives exactly once and in order.
-func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int) {
+func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos byte, restarts int) {
 	r := newRig(t, up)
 	relayA, err := faultnet.New(upAddr)
 	must(t, err)
@@ -32,16 +32,25 @@ func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int) {
 	a := r.sidecar(uniq("stream-a"), "", via(relayA))
 	b := r.sidecar(uniq("stream-b"), "", via(relayB))
 	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
-	must(t, sub.Subscribe("secure/stream", 1))
+	must(t, sub.Subscribe("secure/stream", qos))
 
+	restart := func() { must(t, up.Restart()); t.Log("upstream restarted") }
 	faults := map[int]func(){
 		n / 5:      func() { t.Logf("cut %d+%d upstream connections", relayA.Cut(), relayB.Cut()) },
-		n / 2:      func() { must(t, up.Restart()); t.Log("upstream restarted") },
+		n / 2:      restart,
 		n * 7 / 10: func() { t.Logf("cut %d+%d upstream connections", relayA.Cut(), relayB.Cut()) },
+	}
+	for k := 1; k < restarts; k++ { // further restarts, spread over the stream
+		i := k * n / restarts
+		if faults[i] == nil {
+			faults[i] = restart
+		} else {
+			faults[i+1] = restart
+		}
 	}
 	toks := make([]paho.Token, 0, n)
 	for i := 1; i <= n; i++ {
-		toks = append(toks, pub.Client.Publish("secure/stream", 1, false, []byte(strconv.Itoa(i))))
+		toks = append(toks, pub.Client.Publish("secure/stream", qos, false, []byte(strconv.Itoa(i))))
 		if f := faults[i]; f != nil {
 			f()
 		}
@@ -105,6 +114,19 @@ func dropSummary(sc *proxy.Sidecar) string {
 // bbolt store neither keeps every queued message across a restart nor
 // forgets acknowledged ones; it remains the e2e suite's upstream but cannot
 // be the reference for zero loss.
+// TestQoS2StreamThroughTenRestartsMosquitto: QoS 2, the upstream broker
+// restarted ten times during the stream (plus the two cuts): exactly once,
+// in order.
+func TestQoS2StreamThroughTenRestartsMosquitto(t *testing.T) {
+	if _, ok := mosquitto.Available(); !ok {
+		t.Skip("mosquitto not installed (.ci/run installs it)")
+	}
+	m, err := mosquitto.Start(t.TempDir())
+	must(t, err)
+	t.Cleanup(func() { m.Close() })
+	streamThroughFaults(t, m, m.Addr(), 5000, 2, 10)
+}
+
 func TestStreamThroughCutsAndRestartMosquitto(t *testing.T) {
 	if _, ok := mosquitto.Available(); !ok {
 		t.Skip("mosquitto not installed (.ci/run installs it)")
@@ -112,5 +134,5 @@ func TestStreamThroughCutsAndRestartMosquitto(t *testing.T) {
 	m, err := mosquitto.Start(t.TempDir())
 	must(t, err)
 	t.Cleanup(func() { m.Close() })
-	streamThroughFaults(t, m, m.Addr(), 10000)
+	streamThroughFaults(t, m, m.Addr(), 10000, 1, 1)
 }
