@@ -32,12 +32,12 @@ type upstream interface {
 // rig is one test topology: an upstream broker and sidecars sharing one
 // static group key.
 type rig struct {
-	t   *testing.T
+	t   testing.TB
 	up  upstream
 	key envelope.GroupKey
 }
 
-func newRig(t *testing.T, up upstream) *rig {
+func newRig(t testing.TB, up upstream) *rig {
 	t.Helper()
 	r := &rig{t: t, up: up}
 	if _, err := rand.Read(r.key[:]); err != nil {
@@ -46,7 +46,7 @@ func newRig(t *testing.T, up upstream) *rig {
 	return r
 }
 
-func embeddedUpstream(t *testing.T, persist bool) *embedded.Broker {
+func embeddedUpstream(t testing.TB, persist bool) *embedded.Broker {
 	t.Helper()
 	o := embedded.Options{}
 	if persist {
@@ -118,7 +118,7 @@ func (r *rig) app(sc *proxy.Sidecar, id string) *mqtttest.App {
 	return a
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
