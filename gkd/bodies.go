@@ -11,7 +11,8 @@ import (
 
 // A Body is the decoded body of a key-distribution message: one of
 // [JoinRequest], [JoinResponse], [Refusal], [Rekey], [Leave], [Heartbeat],
-// [Policy], [Register], [Challenge], [ChallengeResponse] and [RekeyAck].
+// [Policy], [Register], [Challenge], [ChallengeResponse], [RekeyAck] and
+// [GroupRekey].
 // MarshalBinary encodes it as specified in docs/PROTOCOL.md (section 2.5);
 // the matching Parse function decodes it.
 type Body interface {
@@ -46,6 +47,8 @@ func ParseBody(t MsgType, b []byte) (Body, error) {
 		return asBody(ParseChallengeResponse(b))
 	case TypeRekeyAck:
 		return asBody(ParseRekeyAck(b))
+	case TypeGroupRekey:
+		return asBody(ParseGroupRekey(b))
 	}
 	return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, uint8(t))
 }
@@ -239,6 +242,19 @@ type RekeyAck struct {
 	Counter uint64
 }
 
+// GroupRekey carries one chunk of an lkh rekey to the whole group (server →
+// group, plain). The chunk ([LKHRekey.Chunks]) holds only wrapped keys, so it
+// needs no sealing: a member unwraps what its path keys open
+// ([LKHMember.Apply]). The chunks of one rekey share its Counter.
+type GroupRekey struct {
+	Group         [8]byte
+	Counter       uint64    // the group's message counter
+	ActivateAt    time.Time // when senders switch to the new group key
+	PrevSendUntil time.Time // when senders stop using the previous epoch
+	PrevOpenUntil time.Time // until when the previous epoch may be opened
+	Chunk         []byte    // one chunk of the rekey's wrapped keys
+}
+
 // Type returns TypeJoinRequest.
 func (JoinRequest) Type() MsgType { return TypeJoinRequest }
 
@@ -271,6 +287,9 @@ func (ChallengeResponse) Type() MsgType { return TypeChallengeResponse }
 
 // Type returns TypeRekeyAck.
 func (RekeyAck) Type() MsgType { return TypeRekeyAck }
+
+// Type returns TypeGroupRekey.
+func (GroupRekey) Type() MsgType { return TypeGroupRekey }
 
 // MarshalBinary encodes the JoinRequest body.
 func (b JoinRequest) MarshalBinary() ([]byte, error) {
@@ -383,6 +402,18 @@ func (b RekeyAck) MarshalBinary() ([]byte, error) {
 	w.bytes(b.Group[:])
 	w.u32(b.Epoch)
 	w.u64(b.Counter)
+	return w.result()
+}
+
+// MarshalBinary encodes the GroupRekey body.
+func (b GroupRekey) MarshalBinary() ([]byte, error) {
+	w := newWriter(TypeGroupRekey, 8+8+8+8+8+4+len(b.Chunk))
+	w.bytes(b.Group[:])
+	w.u64(b.Counter)
+	w.time("activate_at", b.ActivateAt)
+	w.time("prev_send_until", b.PrevSendUntil)
+	w.time("prev_open_until", b.PrevOpenUntil)
+	w.blob32("chunk", b.Chunk)
 	return w.result()
 }
 
@@ -519,6 +550,20 @@ func ParseRekeyAck(b []byte) (RekeyAck, error) {
 	r.array("group", v.Group[:])
 	v.Epoch = r.u32("epoch")
 	v.Counter = r.u64("counter")
+	return finish(v, &r)
+}
+
+// ParseGroupRekey decodes a GroupRekey body. It does not look inside the
+// chunk: [LKHMember.Apply] does.
+func ParseGroupRekey(b []byte) (GroupRekey, error) {
+	var v GroupRekey
+	r := reader{typ: TypeGroupRekey, b: b}
+	r.array("group", v.Group[:])
+	v.Counter = r.u64("counter")
+	v.ActivateAt = r.time("activate_at")
+	v.PrevSendUntil = r.time("prev_send_until")
+	v.PrevOpenUntil = r.time("prev_open_until")
+	v.Chunk = r.blob32("chunk")
 	return finish(v, &r)
 }
 

@@ -65,12 +65,22 @@ func sampleChallengeResponse() ChallengeResponse { return ChallengeResponse{Valu
 
 func sampleRekeyAck() RekeyAck { return RekeyAck{Group: seq8(0x10), Epoch: 8, Counter: 43} }
 
+func sampleGroupRekey() GroupRekey {
+	return GroupRekey{
+		Group: seq8(0x10), Counter: 45,
+		ActivateAt:    testTime.Add(2 * time.Second),
+		PrevSendUntil: testTime.Add(32 * time.Second),
+		PrevOpenUntil: testTime.Add(24 * time.Hour),
+		Chunk:         append([]byte{lkhFormat, 0, 0, 0, 9, 0, 0, 0, 1}, seq(0x80, LKHWrapSize)...),
+	}
+}
+
 // sampleBodies has one body of every type, in type order.
 func sampleBodies() []Body {
 	return []Body{
 		sampleJoinRequest(), sampleJoinResponse(), sampleRefusal(), sampleRekey(),
 		sampleLeave(), sampleHeartbeat(), samplePolicy(), sampleRegister(),
-		sampleChallenge(), sampleChallengeResponse(), sampleRekeyAck(),
+		sampleChallenge(), sampleChallengeResponse(), sampleRekeyAck(), sampleGroupRekey(),
 	}
 }
 
@@ -105,6 +115,7 @@ func TestZeroBodiesRoundTrip(t *testing.T) {
 	for _, b := range []Body{
 		JoinRequest{}, JoinResponse{Scheme: SchemeStatic}, Refusal{Code: RefusalBadRequest}, Rekey{},
 		Leave{Reason: LeaveShutdown}, Heartbeat{}, Policy{}, Register{}, Challenge{}, ChallengeResponse{}, RekeyAck{},
+		GroupRekey{},
 	} {
 		got, err := ParseBody(b.Type(), mustMarshal(t, b))
 		if err != nil {
@@ -270,5 +281,56 @@ func TestEnumStrings(t *testing.T) {
 		if tc.got != tc.want {
 			t.Errorf("String() = %q, want %q", tc.got, tc.want)
 		}
+	}
+}
+
+// TestGroupRekeyCarriesAChunkToTheMembers: a rekey chunk travels in a signed
+// plain GroupRekey broadcast, and a member that verifies and parses it
+// reaches the new group key with it.
+func TestGroupRekeyCarriesAChunkToTheMembers(t *testing.T) {
+	p := newParties(t, SuiteX25519)
+	tree := NewLKHTree(4, lkhRand(1))
+	if _, err := tree.Rekey([]string{"a", "b", "c"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	path, err := tree.Path("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewLKHMember(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := tree.Leave("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunks, err := r.Chunks(4096)
+	if err != nil || len(chunks) != 1 {
+		t.Fatalf("Chunks: %d chunks, %v", len(chunks), err)
+	}
+	sent := sampleGroupRekey()
+	sent.Chunk = chunks[0]
+	raw, err := PlainMessage(p.server, [8]byte{}, TypeGroupRekey, sent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := mustParse(t, raw)
+	if err := m.Verify(p.server.Public()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ParseGroupRekey(m.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !equalBodies(got, sent) {
+		t.Fatalf("ParseGroupRekey = %+v, want %+v", got, sent)
+	}
+	if _, err := a.Apply(got.Chunk); err != nil {
+		t.Fatal(err)
+	}
+	wantV, wantK := tree.GroupKey()
+	if v, k := a.GroupKey(); v != wantV || k != wantK {
+		t.Fatalf("member at version %d after the chunk, want %d and the tree's key", v, wantV)
 	}
 }

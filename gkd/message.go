@@ -68,8 +68,9 @@ const (
 	TypeChallenge         MsgType = 9  // server → member
 	TypeChallengeResponse MsgType = 10 // member → server
 	TypeRekeyAck          MsgType = 11 // member → server
+	TypeGroupRekey        MsgType = 12 // server → group (one chunk of an lkh rekey)
 
-	maxType = TypeRekeyAck
+	maxType = TypeGroupRekey
 )
 
 var typeNames = [...]string{
@@ -84,6 +85,7 @@ var typeNames = [...]string{
 	TypeChallenge:         "Challenge",
 	TypeChallengeResponse: "ChallengeResponse",
 	TypeRekeyAck:          "RekeyAck",
+	TypeGroupRekey:        "GroupRekey",
 }
 
 // String returns the type's name, or "MsgType(N)" for an unknown type.

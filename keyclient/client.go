@@ -10,7 +10,10 @@ package keyclient
 //     installs key material), and from then on accept rekeys and heartbeats
 //     only with strictly increasing per-group counters.
 //  4. Rekeys install the new epoch for opening at once and switch sealing at
-//     activate_at; the previous epoch is retired at prev_open_until.
+//     activate_at; the previous epoch is retired at prev_open_until. In an
+//     lkh group the rekey is a signed multicast of wrapped keys (GroupRekey,
+//     in one or more chunks sharing a counter) that the member unwraps with
+//     the path keys it got on joining; a missed rekey means a rejoin.
 //  5. No verified heartbeat for max_staleness: sealing stops (fail closed).
 //  6. Connection lost: start again at 1 with a new connection id.
 
@@ -101,6 +104,11 @@ type groupState struct {
 	lastBeat  time.Time
 	refused   string
 	timers    []*time.Timer
+
+	// lkh groups only: the member's path keys, and the counter of the last
+	// GroupRekey accepted (its further chunks carry the same counter).
+	lkh          *gkd.LKHMember
+	rekeyCounter uint64
 
 	joinLatency time.Duration
 }
@@ -321,6 +329,8 @@ func (c *Client) onMessage(raw []byte) {
 		c.onRekey(msg)
 	case gkd.TypeHeartbeat:
 		c.onHeartbeat(msg)
+	case gkd.TypeGroupRekey:
+		c.onGroupRekey(msg)
 	case gkd.TypeChallenge:
 		ch, err := gkd.ParseChallenge(msg.Body)
 		if err == nil {
@@ -368,6 +378,13 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 		c.log.Warn("dropped a join response that answers no request of this process", "group", c.gids[r.Group])
 		return
 	}
+	var lkh *gkd.LKHMember
+	if r.Scheme == gkd.SchemeLKH {
+		if lkh, err = lkhMember(r); err != nil {
+			c.log.Warn("dropped a join response with unusable path keys", "group", group, "error", err)
+			return
+		}
+	}
 	st := c.state[group]
 	st.joinLatency = time.Since(c.sentAt[r.RequestNonce])
 	for n, g := range c.joins {
@@ -385,6 +402,7 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 	}
 	st.joined, st.refused = true, ""
 	st.counter, st.epoch, st.sender = r.Counter, r.Epoch, r.Sender
+	st.lkh, st.rekeyCounter = lkh, 0
 	st.lastRekey = time.Now()
 	c.freshLocked(st, group)
 	c.cond.Broadcast()
@@ -453,6 +471,89 @@ func (c *Client) onRekey(msg *gkd.Message) {
 	}
 	c.freshLocked(st, group)
 	c.log.Info("rekeyed", "group", group, "epoch", r.Epoch, "activate_at", r.ActivateAt)
+}
+
+// lkhMember builds an lkh member from the path keys of a join response,
+// whose root must be the key and epoch the response hands out.
+func lkhMember(r gkd.JoinResponse) (*gkd.LKHMember, error) {
+	p, err := gkd.ParseLKHPath(r.Ext)
+	if err != nil {
+		return nil, err
+	}
+	m, err := gkd.NewLKHMember(p)
+	if err != nil {
+		return nil, err
+	}
+	if v, k := m.GroupKey(); v != r.Epoch || k != r.Key {
+		return nil, fmt.Errorf("path root is epoch %d, the response's epoch %d or key differs", v, r.Epoch)
+	}
+	return m, nil
+}
+
+// onGroupRekey applies one chunk of an lkh rekey. The chunks of one rekey
+// share a counter: the first must be newer than anything seen, the others
+// may repeat it.
+func (c *Client) onGroupRekey(msg *gkd.Message) {
+	r, err := gkd.ParseGroupRekey(msg.Body)
+	if err != nil {
+		c.log.Warn("dropped a malformed group rekey", "error", err)
+		return
+	}
+	h, err := gkd.ParseLKHChunkHeader(r.Chunk)
+	if err != nil {
+		c.log.Warn("dropped a group rekey with a malformed chunk", "error", err)
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	group, ok := c.gids[r.Group]
+	if !ok {
+		return
+	}
+	st := c.state[group]
+	if !st.joined || st.lkh == nil {
+		return
+	}
+	if r.Counter <= st.counter && (st.rekeyCounter == 0 || r.Counter != st.rekeyCounter) {
+		if r.Counter == st.counter {
+			return // the rekey that admitted this member: its join response covered it
+		}
+		c.log.Warn("dropped an old or replayed group rekey", "group", group, "counter", r.Counter, "have", st.counter)
+		return
+	}
+	st.counter, st.rekeyCounter = max(st.counter, r.Counter), r.Counter
+	prev, _ := st.lkh.GroupKey()
+	if h.Counter <= prev {
+		return // a rekey this member's join already covered
+	}
+	if h.Counter > prev+1 {
+		// A rekey between this one and our keys never arrived: the wrapped
+		// keys may be under keys we lack. Join again for the current path.
+		c.log.Warn("group rekey skips one this sidecar lacks: rejoining", "group", group, "rekey", h.Counter, "have", prev)
+		st.joined, st.lkh = false, nil
+		go c.join(group)
+		return
+	}
+	if _, err := st.lkh.Apply(r.Chunk); err != nil {
+		c.log.Warn("a group rekey did not fully apply", "group", group, "rekey", h.Counter, "error", err)
+	}
+	epoch, key := st.lkh.GroupKey()
+	if epoch == prev {
+		return // a chunk for other members
+	}
+	if err := c.opts.Ring.Install(group, epoch, envelope.GroupKey(key), st.sender, false); err != nil {
+		c.log.Error("installing a rekey failed", "group", group, "error", err)
+		return
+	}
+	st.epoch, st.lastRekey = epoch, time.Now()
+	c.activateAtLocked(st, group, epoch, r.ActivateAt)
+	if prev != 0 {
+		c.opts.Ring.SetSendUntil(group, prev, r.PrevSendUntil)
+		ring := c.opts.Ring
+		st.timers = append(st.timers, time.AfterFunc(time.Until(r.PrevOpenUntil), func() { ring.Retire(group, prev) }))
+	}
+	c.freshLocked(st, group)
+	c.log.Info("rekeyed", "group", group, "epoch", epoch, "activate_at", r.ActivateAt)
 }
 
 // activateAtLocked switches sealing to epoch at the given time.

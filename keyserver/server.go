@@ -5,9 +5,12 @@
 // sender and, when it carries key material, sealed to its recipient with
 // HPKE (docs/PROTOCOL.md, section 2).
 //
-// Schemes: static (one key for the group's life) and update (a new epoch key
+// Schemes: static (one key for the group's life), update (a new epoch key
 // on every batched change, sent to each remaining member: forward and
-// backward secrecy).
+// backward secrecy) and lkh (a logical key hierarchy per group, [gkd.LKHTree]:
+// the same secrecy, but a batch of changes costs one signed multicast of
+// about degree·log n wrapped keys, [gkd.GroupRekey], instead of one sealed
+// message per member; the epoch is the version of the tree's root key).
 package keyserver
 
 import (
@@ -30,13 +33,25 @@ import (
 type GroupConfig struct {
 	Name             string
 	Topics           []string
-	Scheme           string // "static" or "update"
+	Scheme           string // "static", "update" or "lkh"
 	Members          []string
 	RekeyBatch       time.Duration // gather changes this long, then rekey once
 	RekeyLead        time.Duration // activate_at = now + RekeyLead
 	SendGrace        time.Duration
 	ReceiveRetention time.Duration
+	Degree           int // lkh: the key tree's degree, default 4
+	MaxMessageSize   int // lkh: bound of one GroupRekey message, default 256 KiB
 }
+
+// Defaults of the lkh settings of a GroupConfig.
+const (
+	DefaultDegree         = 4
+	DefaultMaxMessageSize = 256 << 10
+
+	// groupRekeyOverhead is what a GroupRekey message adds to its chunk:
+	// header, signature and the body's other fields, rounded up.
+	groupRekeyOverhead = 256
+)
 
 // Options configure a Server.
 type Options struct {
@@ -91,6 +106,7 @@ type group struct {
 	id      [8]byte
 	rec     *groupRecord
 	allowed map[string]bool
+	tree    *gkd.LKHTree // lkh only; its root is rec.Epoch and rec.Key
 
 	pending   []pendingJoin   // waiting for the next rekey (update)
 	leaving   map[string]bool // to be removed at the next rekey
@@ -184,6 +200,22 @@ func (s *Server) configure(opts Options) error {
 				rec.Joined = map[string]*joinedMember{}
 			}
 			g = &group{id: gid, rec: rec, leaving: map[string]bool{}, suspended: map[string]*time.Timer{}, challenge: map[string][16]byte{}}
+		}
+		if gc.Degree == 0 {
+			gc.Degree = DefaultDegree
+		}
+		if gc.MaxMessageSize == 0 {
+			gc.MaxMessageSize = DefaultMaxMessageSize
+		}
+		if gc.Scheme == "lkh" && g.tree == nil {
+			tree, err := loadTree(gc, g.rec)
+			if err != nil {
+				return err
+			}
+			g.tree = tree
+		}
+		if gc.Scheme != "lkh" {
+			g.tree = nil
 		}
 		g.cfg = gc
 		g.allowed = make(map[string]bool, len(gc.Members))
@@ -431,7 +463,12 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 	m.connID = req.ConnID
 	s.cancelSuspensionLocked(g, m.name, "rejoined")
 	rec := g.rec
-	if _, joined := rec.Joined[m.name]; joined && !g.leaving[m.name] || g.cfg.Scheme == "static" {
+	_, joined := rec.Joined[m.name]
+	if g.tree != nil && joined {
+		_, err := g.tree.Path(m.name)
+		joined = err == nil
+	}
+	if joined && !g.leaving[m.name] || g.cfg.Scheme == "static" {
 		// A member that holds the current key (a restarted sidecar, or any
 		// static-group member) gets it again with a fresh sender id.
 		sender := rec.NextSender
@@ -546,6 +583,10 @@ func (s *Server) rekeyNowLocked(g *group) {
 		s.scheduleRekeyLocked(g)
 		return
 	}
+	if g.tree != nil {
+		s.rekeyLKHLocked(g)
+		return
+	}
 	rec := g.rec
 	for name := range g.leaving {
 		delete(rec.Joined, name)
@@ -614,6 +655,17 @@ func (s *Server) sendJoinResponseLocked(g *group, m *member, nonce [16]byte, sen
 		Epoch: g.rec.Epoch, Sender: sender, Counter: g.rec.Counter, ActivateAt: activateAt,
 	}
 	copy(body.Key[:], g.rec.Key)
+	if g.tree != nil {
+		// The member's path keys, the root (body.Key) last.
+		p, err := g.tree.Path(m.name)
+		if err == nil {
+			body.Ext, err = p.MarshalBinary()
+		}
+		if err != nil {
+			s.log.Error("no key-tree path for a joining member; not answering", "group", g.cfg.Name, "member", m.name, "error", err)
+			return
+		}
+	}
 	msg, err := gkd.SealedMessage(s.opts.Identity, m.pk, gkd.TypeJoinResponse, body)
 	if err != nil {
 		s.log.Error("sealing a join response failed", "member", m.name, "error", err)
@@ -740,6 +792,8 @@ func schemeCode(s string) gkd.Scheme {
 		return gkd.SchemeStatic
 	case "update":
 		return gkd.SchemeUpdate
+	case "lkh":
+		return gkd.SchemeLKH
 	}
 	return 0
 }

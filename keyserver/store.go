@@ -24,6 +24,9 @@ type groupRecord struct {
 	Counter    uint64                   `json:"counter"`
 	NextSender uint64                   `json:"next_sender"`
 	Joined     map[string]*joinedMember `json:"joined"`
+	// Tree is an lkh group's key tree ([gkd.LKHTree.MarshalBinary]); secret
+	// like Key.
+	Tree []byte `json:"tree,omitempty"`
 }
 
 // joinedMember is a member currently holding the group key.

@@ -2,6 +2,7 @@ package keyserver_test
 
 import (
 	"fmt"
+	"maps"
 	"strconv"
 	"sync"
 	"testing"
@@ -18,8 +19,11 @@ import (
 // clean shutdown, by crashing (their signed Will) and by revocation
 // (SIGHUP-style reload) can open nothing sent after the rekey, while the
 // remaining members exchange a QoS 1 stream across each rekey without loss.
-func TestUpdateLeaveThreeWays(t *testing.T) {
-	f := newFleet(t, "update", []string{"a", "b", "shutdown", "crash", "revoked"})
+func TestUpdateLeaveThreeWays(t *testing.T) { testLeaveThreeWays(t, "update") }
+
+// testLeaveThreeWays runs TestUpdateLeaveThreeWays for a scheme.
+func testLeaveThreeWays(t *testing.T, scheme string) {
+	f := newFleet(t, scheme, []string{"a", "b", "shutdown", "crash", "revoked"})
 	a, b := f.join("a"), f.join("b")
 	must(t, b.App.Subscribe("secure/#", 1))
 
@@ -89,7 +93,11 @@ func TestUpdateLeaveThreeWays(t *testing.T) {
 
 // TestUpdateNewMemberCannotReadEarlierTraffic: backward secrecy.
 func TestUpdateNewMemberCannotReadEarlierTraffic(t *testing.T) {
-	f := newFleet(t, "update", []string{"a", "b", "late"})
+	testNewMemberCannotReadEarlierTraffic(t, "update")
+}
+
+func testNewMemberCannotReadEarlierTraffic(t *testing.T, scheme string) {
+	f := newFleet(t, scheme, []string{"a", "b", "late"})
 	a, b := f.join("a"), f.join("b")
 	must(t, b.App.Subscribe("secure/#", 1))
 	settle(t, a, b)
@@ -110,8 +118,10 @@ func TestUpdateNewMemberCannotReadEarlierTraffic(t *testing.T) {
 
 // TestKeyServerRestartKeepsKeys: a restarted key server has the same keys
 // and members; the members carry on, and a later rekey reaches everyone.
-func TestKeyServerRestartKeepsKeys(t *testing.T) {
-	f := newFleet(t, "update", []string{"a", "b", "c"})
+func TestKeyServerRestartKeepsKeys(t *testing.T) { testRestartKeepsKeys(t, "update") }
+
+func testRestartKeepsKeys(t *testing.T, scheme string) {
+	f := newFleet(t, scheme, []string{"a", "b", "c"})
 	a, b := f.join("a"), f.join("b")
 	must(t, b.App.Subscribe("secure/#", 1))
 	epoch := settle(t, a, b)
@@ -121,13 +131,20 @@ func TestKeyServerRestartKeepsKeys(t *testing.T) {
 	must(t, a.App.Publish("secure/x", 1, false, []byte("during the outage")))
 	expect(t, b.App, "secure/x", "during the outage")
 	must(t, f.StartServer())
+	if e, _ := f.KS.GroupEpoch(fleet.Group); e != epoch {
+		t.Fatalf("restarted server is at epoch %d, want %d", e, epoch)
+	}
 
+	ids := senders([]*fleet.Node{a, b})
 	c := f.join("c") // a rejoin-free change: forces a rekey of the restarted server
 	after := waitEpoch(t, a, epoch)
 	if after != epoch+1 {
 		t.Fatalf("restarted server moved from epoch %d to %d, want %d: it lost its state", epoch, after, epoch+1)
 	}
 	waitFor(t, func() bool { return b.Epoch() == after && c.Epoch() == after }, "everyone at epoch %d", after)
+	if got := senders([]*fleet.Node{a, b}); !maps.Equal(got, ids) {
+		t.Fatalf("sender ids %v, were %v: members rejoined instead of following the rekey", got, ids)
+	}
 	if k, ok := a.Ring.GroupKey(fleet.Group, epoch); !ok || *k != *key {
 		t.Fatal("the old epoch's key changed across the restart")
 	}

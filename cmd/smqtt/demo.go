@@ -21,8 +21,8 @@ import (
 )
 
 func runDemo(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("demo", "demo [--scheme static|update] [--clients N] [--keep]", stderr)
-	scheme := fs.String("scheme", "update", "group key scheme: static or update")
+	fs := newFlags("demo", "demo [--scheme static|update|lkh] [--clients N] [--keep]", stderr)
+	scheme := fs.String("scheme", "update", "group key scheme: static, update or lkh")
 	clients := fs.Int("clients", 2, "number of sidecars, each with one legacy app (2 to 50)")
 	keep := fs.Bool("keep", false, "keep running after the checks so you can point mosquitto_sub/mosquitto_pub at the printed addresses")
 	newLog := logFlags(fs, stderr, "error")
@@ -33,8 +33,8 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *scheme != "static" && *scheme != "update" {
-		return fmt.Errorf("--scheme: %q is not available in this build (static, update)", *scheme)
+	if *scheme != "static" && *scheme != "update" && *scheme != "lkh" {
+		return fmt.Errorf("--scheme: %q is not available in this build (static, update, lkh)", *scheme)
 	}
 	if *clients < 2 || *clients > 50 {
 		return fmt.Errorf("--clients: %d is out of range (2 to 50)", *clients)
@@ -198,8 +198,8 @@ func (d *demo) run(n int) error {
 	return d.membership(epoch, captured)
 }
 
-// membership shows a join and a leave: with update, each rekeys the group,
-// and neither the newcomer can read the past nor the leaver the future.
+// membership shows a join and a leave: with update or lkh, each rekeys the
+// group, and neither the newcomer can read the past nor the leaver the future.
 func (d *demo) membership(epoch uint32, past []byte) error {
 	fmt.Fprintln(d.out, "\nMembership changes:")
 	late, err := d.fleet.Join("sidecar-late")

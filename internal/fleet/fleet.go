@@ -31,7 +31,7 @@ type Options struct {
 	UpstreamURL  string // the broker
 	UpstreamAddr string // host:port of the broker, for fault relays
 	Dir          string // state: key server store, sidecar data
-	Scheme       string // static or update
+	Scheme       string // static, update or lkh (degree 4)
 	Suite        gkd.Suite
 	Members      []string // allowed in the group
 	Others       []string // known to the key server but not in the group
@@ -109,6 +109,7 @@ func New(o Options) (*Fleet, error) {
 		Groups: []keyserver.GroupConfig{{
 			Name: Group, Topics: []string{"secure/#"}, Scheme: o.Scheme, Members: o.Members,
 			RekeyBatch: o.RekeyBatch, RekeyLead: o.RekeyLead, SendGrace: o.SendGrace, ReceiveRetention: o.ReceiveRetention,
+			Degree: 4,
 		}},
 		Heartbeat:  o.Heartbeat,
 		LeaveDelay: o.LeaveDelay,
