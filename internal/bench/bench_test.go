@@ -125,8 +125,21 @@ func TestLeaveSendsOneRekeyToEachRemainingMember(t *testing.T) {
 	}
 }
 
+// TestLKHLeaveIsOneBroadcast: in an lkh group a leave is one broadcast of a
+// few wrapped keys, where update sends one sealed message per member.
+func TestLKHLeaveIsOneBroadcast(t *testing.T) {
+	r, err := Rekey(context.Background(), RekeyOptions{Members: 20, Scheme: "lkh", Suite: gkd.SuiteX25519, Dir: t.TempDir(), Timeout: 15 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// degree 4, 20 members: height 3, at most 4*3 wrapped keys
+	if r.RekeyMsgs != 1 || r.WrappedKeys == 0 || r.WrappedKeys > 12 {
+		t.Errorf("lkh leave: %d messages, %d wrapped keys; want 1 message of at most 12", r.RekeyMsgs, r.WrappedKeys)
+	}
+}
+
 func TestRekeyRefusesSchemesThisBuildLacks(t *testing.T) {
-	for _, scheme := range []string{"lkh", "slotted", "static"} {
+	for _, scheme := range []string{"slotted", "static"} {
 		if _, err := Rekey(context.Background(), RekeyOptions{Members: 3, Scheme: scheme}); !errors.Is(err, ErrOptions) {
 			t.Errorf("scheme %s: %v, want ErrOptions", scheme, err)
 		}

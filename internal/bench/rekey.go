@@ -19,7 +19,7 @@ import (
 // join one group, then one leaves.
 type RekeyOptions struct {
 	Members int       // at least 2
-	Scheme  string    // default "update" (the only rekeying scheme in this build)
+	Scheme  string    // update (default) or lkh
 	Suite   gkd.Suite // default gkd.SuiteHybrid
 	// RekeyBatch is how long the key server gathers joins and leaves before
 	// one rekey (default 100ms).
@@ -39,10 +39,12 @@ type RekeyResult struct {
 	JoinsPerS float64 `json:"joins_per_s"` // Members / JoinS
 	// LeaveMs is from the leaving client's shutdown to every remaining
 	// member holding the new epoch's key.
-	LeaveMs    float64 `json:"leave_ms"`
-	RekeyMsgs  int     `json:"rekey_msgs"` // sealed Rekey messages the key server sent to members for the leave
-	CPUSeconds float64 `json:"cpu_s"`      // process CPU over joins and leave
-	RSSMiB     float64 `json:"rss_mib"`
+	LeaveMs     float64 `json:"leave_ms"`
+	RekeyMsgs   int     `json:"rekey_msgs"`   // messages the key server sent for the leave: sealed Rekeys (update) or GroupRekey chunks (lkh)
+	WrappedKeys int     `json:"wrapped_keys"` // keys sent for the leave: one per Rekey (update), one per wrapped key (lkh)
+	RekeyBytes  int     `json:"rekey_bytes"`  // payload bytes of those messages
+	CPUSeconds  float64 `json:"cpu_s"`        // process CPU over joins and leave
+	RSSMiB      float64 `json:"rss_mib"`
 }
 
 // Line is the machine-readable form: "BENCH " and a JSON object.
@@ -66,8 +68,8 @@ func Rekey(ctx context.Context, o RekeyOptions) (RekeyResult, error) {
 	if o.Members < 2 {
 		return RekeyResult{}, fmt.Errorf("%w: members %d: a leave needs at least 2", ErrOptions, o.Members)
 	}
-	if o.Scheme != "update" {
-		return RekeyResult{}, fmt.Errorf("%w: scheme %q: only update rekeys in this build", ErrOptions, o.Scheme)
+	if o.Scheme != "update" && o.Scheme != "lkh" {
+		return RekeyResult{}, fmt.Errorf("%w: scheme %q: update or lkh (slotted is not in this build)", ErrOptions, o.Scheme)
 	}
 	r := RekeyResult{Name: fmt.Sprintf("rekey-%s-%d", o.Scheme, o.Members), Scheme: o.Scheme, Members: o.Members}
 	dir := o.Dir
@@ -152,11 +154,26 @@ func Rekey(ctx context.Context, o RekeyOptions) (RekeyResult, error) {
 	r.CPUSeconds = processCPU() - cpu0
 	r.RSSMiB = rssMiB()
 	for _, m := range broker.Spy.All() {
-		if m.Client != "keyserver" || !strings.Contains(m.Topic, "/m/") {
+		if m.Client != "keyserver" {
 			continue
 		}
-		if msg, err := gkd.Parse(m.Payload); err == nil && msg.Type == gkd.TypeRekey {
+		msg, err := gkd.Parse(m.Payload)
+		if err != nil {
+			continue
+		}
+		switch {
+		case msg.Type == gkd.TypeRekey && strings.Contains(m.Topic, "/m/"):
 			r.RekeyMsgs++
+			r.WrappedKeys++
+			r.RekeyBytes += len(m.Payload)
+		case msg.Type == gkd.TypeGroupRekey:
+			gr, err := gkd.ParseGroupRekey(msg.Body)
+			if err != nil {
+				continue
+			}
+			r.RekeyMsgs++
+			r.WrappedKeys += (len(gr.Chunk) - gkd.LKHChunkHeaderSize) / gkd.LKHWrapSize
+			r.RekeyBytes += len(m.Payload)
 		}
 	}
 	return r, nil

@@ -42,10 +42,10 @@ func WriteTable(w io.Writer, rs []Result) error {
 // WriteRekeyTable prints key-distribution results as an aligned table.
 func WriteRekeyTable(w io.Writer, rs []RekeyResult) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "scenario\tscheme\tmembers\tjoin s\tjoins/s\tleave→all rekeyed ms\trekey msgs\tprocess CPU s\tprocess RSS MiB\t")
+	fmt.Fprintln(tw, "scenario\tscheme\tmembers\tjoin s\tjoins/s\tleave→all rekeyed ms\trekey msgs\twrapped keys\trekey bytes\tprocess CPU s\tprocess RSS MiB\t")
 	for _, r := range rs {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%.2f\t%.1f\t%.0f\t%d\t%.2f\t%.0f\t\n",
-			r.Name, r.Scheme, r.Members, r.JoinS, r.JoinsPerS, r.LeaveMs, r.RekeyMsgs, r.CPUSeconds, r.RSSMiB)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%.2f\t%.1f\t%.0f\t%d\t%d\t%d\t%.2f\t%.0f\t\n",
+			r.Name, r.Scheme, r.Members, r.JoinS, r.JoinsPerS, r.LeaveMs, r.RekeyMsgs, r.WrappedKeys, r.RekeyBytes, r.CPUSeconds, r.RSSMiB)
 	}
 	return tw.Flush()
 }
