@@ -425,7 +425,7 @@ func (b GroupRekey) MarshalBinary() ([]byte, error) {
 // ParseJoinRequest decodes a JoinRequest body.
 func ParseJoinRequest(b []byte) (JoinRequest, error) {
 	var v JoinRequest
-	r := reader{typ: TypeJoinRequest, b: b}
+	r := bodyReader(TypeJoinRequest, b)
 	r.array("group", v.Group[:])
 	r.array("conn_id", v.ConnID[:])
 	return finish(v, &r)
@@ -434,7 +434,7 @@ func ParseJoinRequest(b []byte) (JoinRequest, error) {
 // ParseJoinResponse decodes the plaintext of a JoinResponse body.
 func ParseJoinResponse(b []byte) (JoinResponse, error) {
 	var v JoinResponse
-	r := reader{typ: TypeJoinResponse, b: b}
+	r := bodyReader(TypeJoinResponse, b)
 	r.array("group", v.Group[:])
 	r.array("request_nonce", v.RequestNonce[:])
 	v.Scheme = Scheme(r.u8("scheme"))
@@ -453,7 +453,7 @@ func ParseJoinResponse(b []byte) (JoinResponse, error) {
 // ParseRefusal decodes a Refusal body.
 func ParseRefusal(b []byte) (Refusal, error) {
 	var v Refusal
-	r := reader{typ: TypeRefusal, b: b}
+	r := bodyReader(TypeRefusal, b)
 	r.array("group", v.Group[:])
 	r.array("request_nonce", v.RequestNonce[:])
 	v.Code = RefusalCode(r.u8("code"))
@@ -467,7 +467,7 @@ func ParseRefusal(b []byte) (Refusal, error) {
 // ParseRekey decodes the plaintext of a Rekey body.
 func ParseRekey(b []byte) (Rekey, error) {
 	var v Rekey
-	r := reader{typ: TypeRekey, b: b}
+	r := bodyReader(TypeRekey, b)
 	r.array("group", v.Group[:])
 	v.Epoch = r.u32("epoch")
 	r.array("key", v.Key[:])
@@ -482,7 +482,7 @@ func ParseRekey(b []byte) (Rekey, error) {
 // ParseLeave decodes a Leave body.
 func ParseLeave(b []byte) (Leave, error) {
 	var v Leave
-	r := reader{typ: TypeLeave, b: b}
+	r := bodyReader(TypeLeave, b)
 	r.array("group", v.Group[:])
 	r.array("conn_id", v.ConnID[:])
 	v.Reason = LeaveReason(r.u8("reason"))
@@ -495,7 +495,7 @@ func ParseLeave(b []byte) (Leave, error) {
 // ParseHeartbeat decodes a Heartbeat body.
 func ParseHeartbeat(b []byte) (Heartbeat, error) {
 	var v Heartbeat
-	r := reader{typ: TypeHeartbeat, b: b}
+	r := bodyReader(TypeHeartbeat, b)
 	r.array("group", v.Group[:])
 	v.Epoch = r.u32("epoch")
 	v.Counter = r.u64("counter")
@@ -505,7 +505,7 @@ func ParseHeartbeat(b []byte) (Heartbeat, error) {
 // ParsePolicy decodes a Policy body.
 func ParsePolicy(b []byte) (Policy, error) {
 	var v Policy
-	r := reader{typ: TypePolicy, b: b}
+	r := bodyReader(TypePolicy, b)
 	v.Version = r.u64("version")
 	n := int(r.u16("count"))
 	// Each entry takes at least 10 bytes: do not trust n for the allocation.
@@ -522,7 +522,7 @@ func ParsePolicy(b []byte) (Policy, error) {
 // ParseRegister decodes a Register body.
 func ParseRegister(b []byte) (Register, error) {
 	var v Register
-	r := reader{typ: TypeRegister, b: b}
+	r := bodyReader(TypeRegister, b)
 	r.array("conn_id", v.ConnID[:])
 	return finish(v, &r)
 }
@@ -530,7 +530,7 @@ func ParseRegister(b []byte) (Register, error) {
 // ParseChallenge decodes a Challenge body.
 func ParseChallenge(b []byte) (Challenge, error) {
 	var v Challenge
-	r := reader{typ: TypeChallenge, b: b}
+	r := bodyReader(TypeChallenge, b)
 	r.array("challenge", v.Value[:])
 	return finish(v, &r)
 }
@@ -538,7 +538,7 @@ func ParseChallenge(b []byte) (Challenge, error) {
 // ParseChallengeResponse decodes a ChallengeResponse body.
 func ParseChallengeResponse(b []byte) (ChallengeResponse, error) {
 	var v ChallengeResponse
-	r := reader{typ: TypeChallengeResponse, b: b}
+	r := bodyReader(TypeChallengeResponse, b)
 	r.array("challenge", v.Value[:])
 	return finish(v, &r)
 }
@@ -546,7 +546,7 @@ func ParseChallengeResponse(b []byte) (ChallengeResponse, error) {
 // ParseRekeyAck decodes a RekeyAck body.
 func ParseRekeyAck(b []byte) (RekeyAck, error) {
 	var v RekeyAck
-	r := reader{typ: TypeRekeyAck, b: b}
+	r := bodyReader(TypeRekeyAck, b)
 	r.array("group", v.Group[:])
 	v.Epoch = r.u32("epoch")
 	v.Counter = r.u64("counter")
@@ -557,7 +557,7 @@ func ParseRekeyAck(b []byte) (RekeyAck, error) {
 // chunk: [LKHMember.Apply] does.
 func ParseGroupRekey(b []byte) (GroupRekey, error) {
 	var v GroupRekey
-	r := reader{typ: TypeGroupRekey, b: b}
+	r := bodyReader(TypeGroupRekey, b)
 	r.array("group", v.Group[:])
 	v.Counter = r.u64("counter")
 	v.ActivateAt = r.time("activate_at")
@@ -634,15 +634,18 @@ func (w *writer) result() ([]byte, error) {
 // reader consumes big-endian fields and remembers the first error; after an
 // error every read returns zero.
 type reader struct {
-	typ MsgType
-	b   []byte
-	off int
-	err error
+	what string // for errors: "JoinRequest body", "lkh tree"
+	b    []byte
+	off  int
+	err  error
 }
+
+// bodyReader reads the body of a message of type typ.
+func bodyReader(typ MsgType, b []byte) reader { return reader{what: typ.String() + " body", b: b} }
 
 func (r *reader) fail(format string, args ...any) {
 	if r.err == nil {
-		r.err = fmt.Errorf("%w: %s body: %s", ErrMalformed, r.typ, fmt.Sprintf(format, args...))
+		r.err = fmt.Errorf("%w: %s: %s", ErrMalformed, r.what, fmt.Sprintf(format, args...))
 	}
 }
 

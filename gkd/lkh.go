@@ -770,7 +770,7 @@ func (p LKHPath) MarshalBinary() ([]byte, error) {
 
 // ParseLKHPath decodes a path. Errors wrap [ErrMalformed].
 func ParseLKHPath(b []byte) (LKHPath, error) {
-	r := binReader{what: "lkh path", b: b}
+	r := reader{what: "lkh path", b: b}
 	p := LKHPath{Degree: int(r.u16("degree")), Leaf: r.u32("leaf")}
 	n := int(r.u8("count"))
 	if r.err == nil && len(r.b)-r.off != n*(4+GroupKeySize) {
@@ -851,7 +851,7 @@ func (t *LKHTree) MarshalBinary() ([]byte, error) {
 // keeps the tree's random source (crypto/rand for a zero LKHTree). Errors
 // wrap [ErrMalformed] and leave the tree unchanged.
 func (t *LKHTree) UnmarshalBinary(b []byte) error {
-	r := binReader{what: "lkh tree", b: b}
+	r := reader{what: "lkh tree", b: b}
 	if f := r.u8("format"); r.err == nil && f != lkhFormat {
 		r.fail("format %d, want %d", f, lkhFormat)
 	}
@@ -938,69 +938,4 @@ func (t *LKHTree) UnmarshalBinary(b []byte) error {
 		}
 	}
 	return nil
-}
-
-// binReader consumes big-endian fields and remembers the first error; after
-// an error every read returns zero.
-type binReader struct {
-	what string // for errors: "lkh tree"
-	b    []byte
-	off  int
-	err  error
-}
-
-func (r *binReader) fail(format string, args ...any) {
-	if r.err == nil {
-		r.err = fmt.Errorf("%w: %s: %s", ErrMalformed, r.what, fmt.Sprintf(format, args...))
-	}
-}
-
-func (r *binReader) next(field string, n int) []byte {
-	if r.err != nil {
-		return nil
-	}
-	if n > len(r.b)-r.off {
-		r.fail("truncated: %s needs %d bytes at offset %d, %d left", field, n, r.off, len(r.b)-r.off)
-		return nil
-	}
-	p := r.b[r.off : r.off+n]
-	r.off += n
-	return p
-}
-
-func (r *binReader) array(field string, dst []byte) { copy(dst, r.next(field, len(dst))) }
-
-func (r *binReader) u8(field string) uint8 {
-	if p := r.next(field, 1); p != nil {
-		return p[0]
-	}
-	return 0
-}
-
-func (r *binReader) u16(field string) uint16 {
-	if p := r.next(field, 2); p != nil {
-		return binary.BigEndian.Uint16(p)
-	}
-	return 0
-}
-
-func (r *binReader) u32(field string) uint32 {
-	if p := r.next(field, 4); p != nil {
-		return binary.BigEndian.Uint32(p)
-	}
-	return 0
-}
-
-func (r *binReader) u64(field string) uint64 {
-	if p := r.next(field, 8); p != nil {
-		return binary.BigEndian.Uint64(p)
-	}
-	return 0
-}
-
-func (r *binReader) done() error {
-	if r.err == nil && r.off != len(r.b) {
-		r.fail("%d trailing bytes after offset %d", len(r.b)-r.off, r.off)
-	}
-	return r.err
 }

@@ -215,7 +215,7 @@ func AppendSlotNodes(b []byte, nodes []SlotNode) ([]byte, error) {
 // ParseSlotNodes decodes what AppendSlotNodes encoded. Errors wrap
 // [ErrMalformed].
 func ParseSlotNodes(b []byte) ([]SlotNode, error) {
-	r := binReader{what: "slot nodes", b: b}
+	r := reader{what: "slot nodes", b: b}
 	n := int(r.u8("count"))
 	if r.err == nil && len(b)-r.off != n*SlotNodeSize {
 		r.fail("%d nodes need %d bytes, %d left", n, n*SlotNodeSize, len(b)-r.off)
