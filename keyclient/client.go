@@ -358,17 +358,30 @@ func (c *Client) onMessage(raw []byte) {
 	}
 }
 
-func (c *Client) onJoinResponse(msg *gkd.Message) {
+// openSealed opens a sealed message addressed to this member and parses
+// its body; anything that fails is dropped (and logged when it does not
+// open).
+func openSealed[T any](c *Client, msg *gkd.Message, parse func([]byte) (T, error)) (T, bool) {
+	var zero T
 	if msg.Recipient != c.me {
-		return
+		return zero, false
 	}
 	plain, err := c.opts.Identity.OpenBody(msg)
 	if err != nil {
-		c.log.Warn("dropped a join response that does not open", "error", err)
-		return
+		c.log.Warn("dropped a sealed key-distribution message that does not open", "type", msg.Type, "error", err)
+		return zero, false
 	}
-	r, err := gkd.ParseJoinResponse(plain)
+	v, err := parse(plain)
 	if err != nil {
+		c.log.Warn("dropped a malformed key-distribution message", "type", msg.Type, "error", err)
+		return zero, false
+	}
+	return v, true
+}
+
+func (c *Client) onJoinResponse(msg *gkd.Message) {
+	r, ok := openSealed(c, msg, gkd.ParseJoinResponse)
+	if !ok {
 		return
 	}
 	c.mu.Lock()
@@ -380,6 +393,7 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 	}
 	var lkh *gkd.LKHMember
 	if r.Scheme == gkd.SchemeLKH {
+		var err error
 		if lkh, err = lkhMember(r); err != nil {
 			c.log.Warn("dropped a join response with unusable path keys", "group", group, "error", err)
 			return
@@ -434,16 +448,8 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 }
 
 func (c *Client) onRekey(msg *gkd.Message) {
-	if msg.Recipient != c.me {
-		return
-	}
-	plain, err := c.opts.Identity.OpenBody(msg)
-	if err != nil {
-		c.log.Warn("dropped a rekey that does not open", "error", err)
-		return
-	}
-	r, err := gkd.ParseRekey(plain)
-	if err != nil {
+	r, ok := openSealed(c, msg, gkd.ParseRekey)
+	if !ok {
 		return
 	}
 	c.mu.Lock()
