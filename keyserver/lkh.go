@@ -106,9 +106,12 @@ func (s *Server) rekeyLKHLocked(g *group) {
 	}
 	syncRoot(rec, tree)
 	rec.Counter++
+	leaving := rec.Leaving
+	rec.Leaving = nil
 	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
 		s.log.Error("storing a rekey failed; group keeps its epoch", "group", g.cfg.Name, "error", err)
 		rec.Counter--
+		rec.Leaving = leaving
 		rollback()
 		return
 	}

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sort"
 	"sync"
 	"time"
 
@@ -200,6 +201,9 @@ func (s *Server) configure(opts Options) error {
 				rec.Joined = map[string]*joinedMember{}
 			}
 			g = &group{id: gid, rec: rec, leaving: map[string]bool{}, suspended: map[string]*time.Timer{}, challenge: map[string][16]byte{}}
+			for _, name := range rec.Leaving {
+				g.leaving[name] = true // accepted before a restart: still to be rekeyed out
+			}
 		}
 		if gc.Degree == 0 {
 			gc.Degree = DefaultDegree
@@ -255,6 +259,11 @@ func (s *Server) Start() error {
 	s.mu.Lock()
 	s.client = paho.NewClient(o)
 	s.stopBeat, s.beatDone = make(chan struct{}), make(chan struct{})
+	for _, g := range s.groups {
+		if len(g.leaving) > 0 {
+			s.scheduleRekeyLocked(g)
+		}
+	}
 	s.mu.Unlock()
 	s.client.Connect()
 	go s.heartbeats()
@@ -328,7 +337,7 @@ func (s *Server) Reload(opts Options) error {
 		revoked := false
 		for name := range g.rec.Joined {
 			if !g.allowed[name] || s.byName[name] == nil {
-				g.leaving[name] = true
+				s.markLeavingLocked(g, name)
 				g.revoking = true
 				revoked = true
 				s.log.Warn("member revoked: rekeying", "group", g.cfg.Name, "member", name)
@@ -506,10 +515,24 @@ func (s *Server) leaveLocked(m *member, lv gkd.Leave) {
 		case gkd.LeaveWill:
 			s.suspendLocked(g, m)
 		default:
-			g.leaving[m.name] = true
+			s.markLeavingLocked(g, m.name)
 			s.log.Info("member leaves", "group", g.cfg.Name, "member", m.name)
 			s.scheduleRekeyLocked(g)
 		}
+	}
+}
+
+// markLeavingLocked accepts a member's leave: stored at once, so that the
+// rekey that removes it happens even across a key-server restart.
+func (s *Server) markLeavingLocked(g *group, name string) {
+	g.leaving[name] = true
+	g.rec.Leaving = g.rec.Leaving[:0]
+	for n := range g.leaving {
+		g.rec.Leaving = append(g.rec.Leaving, n)
+	}
+	sort.Strings(g.rec.Leaving)
+	if err := s.store.saveGroup(g.cfg.Name, g.rec); err != nil {
+		s.log.Error("storing a leave failed", "group", g.cfg.Name, "member", name, "error", err)
 	}
 }
 
@@ -533,7 +556,7 @@ func (s *Server) suspendLocked(g *group, m *member) {
 		}
 		delete(g.suspended, name)
 		delete(g.challenge, name)
-		g.leaving[name] = true
+		s.markLeavingLocked(g, name)
 		s.log.Info("member did not answer after its Will: removing", "group", g.cfg.Name, "member", name)
 		s.scheduleRekeyLocked(g)
 	})
@@ -558,6 +581,7 @@ func (s *Server) scheduleRekeyLocked(g *group) {
 			delete(g.rec.Joined, name)
 		}
 		clear(g.leaving)
+		g.rec.Leaving = nil
 		s.store.saveGroup(g.cfg.Name, g.rec)
 		return
 	}
@@ -592,6 +616,7 @@ func (s *Server) rekeyNowLocked(g *group) {
 		delete(rec.Joined, name)
 	}
 	clear(g.leaving)
+	rec.Leaving = nil
 	newcomers := g.pending
 	g.pending = nil
 	for _, p := range newcomers {

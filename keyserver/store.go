@@ -24,6 +24,9 @@ type groupRecord struct {
 	Counter    uint64                   `json:"counter"`
 	NextSender uint64                   `json:"next_sender"`
 	Joined     map[string]*joinedMember `json:"joined"`
+	// Leaving are members whose leave was accepted and whose rekey has not
+	// happened yet: a restart in between still rekeys them out.
+	Leaving []string `json:"leaving,omitempty"`
 	// Tree is an lkh group's key tree ([gkd.LKHTree.MarshalBinary]); secret
 	// like Key.
 	Tree []byte `json:"tree,omitempty"`

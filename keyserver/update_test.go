@@ -249,3 +249,33 @@ func TestQueuedMessagePastSendGraceIsResealed(t *testing.T) {
 		t.Fatalf("the queued message went out under epoch %d, want the current %d", h.Epoch, current)
 	}
 }
+
+// TestLeaveSurvivesKeyServerRestartBeforeItsRekey: the key server stops
+// after accepting a leave but before the batched rekey; after its restart
+// the rekey still happens and the leaver is out.
+func TestLeaveSurvivesKeyServerRestartBeforeItsRekey(t *testing.T) {
+	up, err := embedded.Start(embedded.Options{})
+	must(t, err)
+	t.Cleanup(func() { up.Close() })
+	fl, err := fleet.New(fleet.Options{
+		UpstreamURL: up.URL(), UpstreamAddr: up.Addr(), Dir: t.TempDir(), Members: []string{"a", "b", "c"},
+		RekeyBatch: time.Second,
+	})
+	must(t, err)
+	t.Cleanup(fl.Close)
+	f := &testFleet{Fleet: fl, t: t, up: up}
+	a, b := f.join("a"), f.join("b")
+	c := f.join("c")
+	epoch := settle(t, a, b, c)
+	c.Keys.Close()                     // the leave is accepted and stored...
+	time.Sleep(300 * time.Millisecond) // ...well within the 1 s batch
+	if e, _ := f.KS.GroupEpoch(fleet.Group); e != epoch {
+		t.Fatalf("rekeyed before the restart (epoch %d -> %d): the test proves nothing", epoch, e)
+	}
+	f.restartServer()
+	after := waitEpoch(t, a, epoch)
+	waitFor(t, func() bool { return b.Epoch() == after }, "b follows")
+	if _, ok := c.Ring.GroupKey(fleet.Group, after); ok {
+		t.Fatal("the member that left before the restart holds the new key")
+	}
+}
