@@ -136,6 +136,11 @@ func (b *Broker) Kill() error {
 	return nil
 }
 
+// Pause freezes mosquitto with SIGSTOP (a partition: connections stay open,
+// nothing moves); Resume continues it with SIGCONT.
+func (b *Broker) Pause() error  { return b.cmd.Process.Signal(syscall.SIGSTOP) }
+func (b *Broker) Resume() error { return b.cmd.Process.Signal(syscall.SIGCONT) }
+
 // Restart stops mosquitto cleanly and starts it again on the same port.
 func (b *Broker) Restart() error {
 	b.Close()
