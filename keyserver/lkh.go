@@ -119,17 +119,8 @@ func (s *Server) rekeyLKHLocked(g *group) {
 	g.pending = nil
 	clear(g.leaving)
 
-	now := time.Now()
+	now, activate, retention := s.beginRekeyLocked(g)
 	defer func() { s.m.rekeyDur.Observe(time.Since(now).Seconds()) }()
-	s.m.rekeys.WithLabelValues(g.cfg.Name).Inc()
-	s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(rec.Joined)))
-	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(rec.Epoch))
-	activate := now.Add(g.cfg.RekeyLead)
-	retention := g.cfg.ReceiveRetention
-	if g.revoking {
-		retention = g.cfg.SendGrace
-		g.revoking = false
-	}
 	for _, p := range newcomers {
 		s.sendJoinResponseLocked(g, p.m, p.nonce, rec.Joined[p.m.name].Sender, activate)
 	}

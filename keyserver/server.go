@@ -595,6 +595,25 @@ func (s *Server) scheduleRekeyLocked(g *group) {
 	})
 }
 
+// beginRekeyLocked does what every rekey does once its new epoch is stored:
+// counts it, and says when members switch to it and how long the previous
+// epoch stays open: receive_retention, so that queued messages sealed under
+// it are read; after a revocation only send_grace, so that the revoked
+// member cannot go on injecting.
+func (s *Server) beginRekeyLocked(g *group) (now, activate time.Time, retention time.Duration) {
+	now = time.Now()
+	s.m.rekeys.WithLabelValues(g.cfg.Name).Inc()
+	s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(g.rec.Joined)))
+	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(g.rec.Epoch))
+	activate = now.Add(g.cfg.RekeyLead)
+	retention = g.cfg.ReceiveRetention
+	if g.revoking {
+		retention = g.cfg.SendGrace
+		g.revoking = false
+	}
+	return now, activate, retention
+}
+
 // rekeyNowLocked moves a group to a new epoch: leavers are dropped, waiting
 // joiners admitted, the new key committed to the store, then sent to every
 // member, each sealed to its own identity.
@@ -631,20 +650,8 @@ func (s *Server) rekeyNowLocked(g *group) {
 		rec.Epoch--
 		return
 	}
-	now := time.Now()
+	now, activate, retention := s.beginRekeyLocked(g)
 	defer func() { s.m.rekeyDur.Observe(time.Since(now).Seconds()) }()
-	s.m.rekeys.WithLabelValues(g.cfg.Name).Inc()
-	s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(rec.Joined)))
-	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(rec.Epoch))
-	activate := now.Add(g.cfg.RekeyLead)
-	// The previous epoch stays open for receive_retention, so that queued
-	// messages sealed under it are read; after a revocation only for
-	// send_grace, so that the revoked member cannot go on injecting.
-	retention := g.cfg.ReceiveRetention
-	if g.revoking {
-		retention = g.cfg.SendGrace
-		g.revoking = false
-	}
 	isNew := map[string]bool{}
 	for _, p := range newcomers {
 		isNew[p.m.name] = true
