@@ -38,12 +38,19 @@ const (
 // mochi buffers its reads already.
 type batchedListener struct{ net.Listener }
 
+// localWriteTimeout disconnects a local application whose socket takes no
+// byte for this long. mochi holds a client's lock while it writes to it and
+// takes the same lock to hand out packet ids for deliveries, so one
+// application that never reads would otherwise stall delivery to every
+// other local application.
+const localWriteTimeout = 5 * time.Second
+
 func (l batchedListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	return newBatchedConn(c, 0, 0), nil
+	return newBatchedConn(c, 0, localWriteTimeout), nil
 }
 
 // dialUpstream opens the upstream connection as paho would, and batches it.
