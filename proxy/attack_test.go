@@ -100,10 +100,10 @@ func TestHostileBrokerEnvelopesAreDroppedAndCounted(t *testing.T) {
 	})
 }
 
-// waitFor polls cond for up to 5 s.
+// waitFor polls cond for up to 10 s.
 func waitFor(t *testing.T, cond func() bool, format string, args ...any) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting: "+format, args...)

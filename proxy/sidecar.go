@@ -322,8 +322,19 @@ func (sc *Sidecar) onUpstreamConnect() {
 	sc.log.Info("upstream connected", "url", sc.opts.Upstream.URL, "filters", sc.mirror.len())
 	go func() {
 		for _, c := range sc.mirror.all() {
-			if err := sc.bridge.subscribe(c.filter, c.qos); err != nil {
-				sc.log.Warn("re-subscribing upstream failed", "filter", c.filter, "error", err)
+			// A filter that fails is tried again while the connection
+			// lasts: a lost subscription would lose messages silently.
+			for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 2*time.Second) {
+				err := sc.bridge.subscribe(c.filter, c.qos)
+				if err == nil || !sc.bridge.connected() || sc.ctx.Err() != nil {
+					break
+				}
+				sc.log.Warn("re-subscribing upstream failed; retrying", "filter", c.filter, "error", err)
+				select {
+				case <-time.After(backoff):
+				case <-sc.ctx.Done():
+					return
+				}
 			}
 		}
 	}()
