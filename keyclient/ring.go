@@ -193,12 +193,6 @@ func (r *Ring) GroupKey(group string, epoch uint32) (*envelope.GroupKey, bool) {
 	return k, ok
 }
 
-// HasSendKey reports whether the ring can seal for group.
-func (r *Ring) HasSendKey(group string) bool {
-	_, err := r.Sealer(group)
-	return err == nil
-}
-
 // RandomSenderID draws a non-zero 64-bit sender id from crypto/rand.
 func RandomSenderID() (uint64, error) {
 	var b [8]byte

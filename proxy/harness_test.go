@@ -7,7 +7,6 @@ import (
 
 	"crypto/rand"
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -144,15 +143,6 @@ func expectNone(t *testing.T, a *mqtttest.App, d time.Duration) {
 	if m, ok := a.Next(d); ok {
 		t.Fatalf("unexpected message %s %q (retain=%v qos=%d)", m.Topic, m.Payload, m.Retain, m.QoS)
 	}
-}
-
-func mosquittoOrSkip(t *testing.T) string {
-	t.Helper()
-	p, err := exec.LookPath("mosquitto")
-	if err != nil {
-		t.Skip("mosquitto not installed (.ci/run installs it)")
-	}
-	return p
 }
 
 func uniq(prefix string) string { return fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano()) }

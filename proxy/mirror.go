@@ -104,19 +104,6 @@ func (m *mirror) get(filter string) change {
 	return change{filter: filter}
 }
 
-// covers reports whether any mirrored filter (shared ones excluded: they get
-// no retained messages) matches topic.
-func (m *mirror) covers(topic string, match func(filter, topic string) bool) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for f := range m.filters {
-		if !isShared(f) && match(f, topic) {
-			return true
-		}
-	}
-	return false
-}
-
 func (m *mirror) len() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -121,19 +121,6 @@ func match(rules []Rule, topic string) (string, bool) {
 	return "", false
 }
 
-// Groups lists every group the local rules name, once each, in rule order.
-func (p *Policy) Groups() []string {
-	var out []string
-	seen := map[string]bool{}
-	for _, r := range *p.local.Load() {
-		if !seen[r.Group] {
-			seen[r.Group] = true
-			out = append(out, r.Group)
-		}
-	}
-	return out
-}
-
 // FiltersOverlap reports whether some topic matches both MQTT filters.
 func FiltersOverlap(a, b string) bool {
 	la, lb := strings.Split(a, "/"), strings.Split(b, "/")

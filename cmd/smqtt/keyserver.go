@@ -21,20 +21,11 @@ import (
 )
 
 func runKeyserver(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("keyserver", "keyserver -c FILE [--log-format text|json] [--log-level LEVEL]", stderr)
-	cfgPath := fs.String("c", "", "config file (required; the keyserver: section)")
-	newLog := logFlags(fs, stderr, "info")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	log, err := newLog()
+	cfgPath, log, err := roleArgs("keyserver", args, stderr)
 	if err != nil {
 		return err
 	}
-	if *cfgPath == "" {
-		return errors.New("-c: missing: name the config file")
-	}
-	opts, cfg, err := loadKeyserver(*cfgPath, log)
+	opts, cfg, err := loadKeyserver(cfgPath, log)
 	if err != nil {
 		return err
 	}
@@ -67,7 +58,7 @@ func runKeyserver(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	for s := range sig {
 		if s == syscall.SIGHUP {
-			newOpts, _, err := loadKeyserver(*cfgPath, log)
+			newOpts, _, err := loadKeyserver(cfgPath, log)
 			if err == nil {
 				err = srv.Reload(newOpts)
 			}

@@ -149,6 +149,25 @@ func logFlags(fs *flag.FlagSet, stderr io.Writer, defaultLevel string) func() (*
 	}
 }
 
+// roleArgs parses a role's flags (-c FILE, --log-format, --log-level) and
+// returns the config path and the logger.
+func roleArgs(role string, args []string, stderr io.Writer) (string, *slog.Logger, error) {
+	fs := newFlags(role, role+" -c FILE [--log-format text|json] [--log-level LEVEL]", stderr)
+	cfgPath := fs.String("c", "", "config file (required; the "+role+": section)")
+	newLog := logFlags(fs, stderr, "info")
+	if err := parseFlags(fs, args); err != nil {
+		return "", nil, err
+	}
+	log, err := newLog()
+	if err != nil {
+		return "", nil, err
+	}
+	if *cfgPath == "" {
+		return "", nil, errors.New("-c: missing: name the config file")
+	}
+	return *cfgPath, log, nil
+}
+
 func runVersion(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("version", "version", stderr)
 	if err := parseFlags(fs, args); err != nil {

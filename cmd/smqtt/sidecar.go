@@ -29,20 +29,11 @@ import (
 )
 
 func runSidecar(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("sidecar", "sidecar -c FILE [--log-format text|json] [--log-level LEVEL]", stderr)
-	cfgPath := fs.String("c", "", "config file (required; the sidecar: section)")
-	newLog := logFlags(fs, stderr, "info")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	log, err := newLog()
+	cfgPath, log, err := roleArgs("sidecar", args, stderr)
 	if err != nil {
 		return err
 	}
-	if *cfgPath == "" {
-		return errors.New("-c: missing: name the config file")
-	}
-	f, err := config.Load(*cfgPath)
+	f, err := config.Load(cfgPath)
 	if err != nil {
 		return err
 	}
@@ -90,7 +81,7 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	s := <-sig
 	for ; s == syscall.SIGHUP; s = <-sig {
-		if err := reloadSidecar(*cfgPath, cfg, sc, opts); err != nil {
+		if err := reloadSidecar(cfgPath, cfg, sc, opts); err != nil {
 			log.Error("reload refused; keeping the running configuration", "error", oneLine(err))
 			continue
 		}
