@@ -5,7 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/internal/mqtttest"
 	"github.com/smqtt/smqtt/keyclient"
@@ -190,4 +192,49 @@ func TestStaleKeysStopSealing(t *testing.T) {
 	}
 	must(t, f.StartServer())
 	waitFor(t, func() bool { _, err := a.Ring.Sealer(fleet.Group); return err == nil }, "sealing resumes with fresh heartbeats")
+}
+
+// TestRequestsAreRateLimitedPerIdentity: a member flooding the key server
+// with (validly signed, fresh) requests gets the excess dropped and counted;
+// another member is still served.
+func TestRequestsAreRateLimitedPerIdentity(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	up, err := embedded.Start(embedded.Options{})
+	must(t, err)
+	t.Cleanup(func() { up.Close() })
+	fl, err := fleet.New(fleet.Options{UpstreamURL: up.URL(), UpstreamAddr: up.Addr(), Dir: t.TempDir(), Members: []string{"flooder", "b"}, Registry: reg})
+	must(t, err)
+	t.Cleanup(fl.Close)
+	f := &testFleet{Fleet: fl, t: t, up: up}
+	flood, err := mqtttest.Connect(up.URL(), "flooder-raw", mqtttest.AppOptions{})
+	must(t, err)
+	defer flood.Close()
+	server := f.Server.Public().RawID()
+	topic := gkd.RequestTopic("smqtt/v1", server, f.Members["flooder"].Public().RawID())
+	for i := 0; i < 200; i++ {
+		msg, err := gkd.PlainMessage(f.Members["flooder"], server, gkd.TypeRegister, gkd.Register{})
+		must(t, err)
+		flood.Client.Publish(topic, 1, false, msg)
+	}
+	waitFor(t, func() bool { return dropped(t, reg, "rate") >= 100 }, "flood rate-limited (dropped %v)", dropped(t, reg, "rate"))
+	b := f.join("b") // others are still served
+	settle(t, b)
+}
+
+func dropped(t *testing.T, reg *prometheus.Registry, reason string) float64 {
+	mfs, err := reg.Gather()
+	must(t, err)
+	for _, mf := range mfs {
+		if mf.GetName() != "smqtt_keyserver_dropped_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == reason {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }
