@@ -339,6 +339,13 @@ func (s *ackStore) Get(key string) packets.ControlPacket {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if sp, ok := s.packets[key]; ok {
+		if p, ok := sp.p.(*packets.PublishPacket); ok {
+			// paho's resume sets Dup on what Get returns while its writer
+			// may still be sending the same PUBLISH (put into the store just
+			// before): hand out a copy so the two never share a header.
+			c := *p
+			return &c
+		}
 		return sp.p
 	}
 	return nil

@@ -25,8 +25,10 @@ import (
 
 const (
 	upstreamReadBuffer = 32 << 10
-	// upstreamWriteBacklog bounds the bytes written and not yet handed to the
+	// upstreamWriteBacklog bounds the bytes written and waiting for the
 	// socket; past it Write waits (backpressure, as a full socket would).
+	// With the batch the writer holds in a socket write, a connection keeps
+	// at most about twice this much.
 	upstreamWriteBacklog = 64 << 10
 	// closeFlushWait bounds how long Close waits for pending bytes (a
 	// DISCONNECT) to reach the socket before it cuts the connection.
