@@ -300,12 +300,15 @@ func (g *Group) validate(v *validator, p string, members, groups map[string]int,
 		v.errorf(p+".receive_retention", "%v is shorter than send_grace %v: messages sealed under an old key could not be opened", g.ReceiveRetention, g.SendGrace)
 	}
 	checkPositive(v, p+".slot", g.Slot)
+	if g.Slot > 0 && g.Slot%time.Millisecond != 0 {
+		v.errorf(p+".slot", "%v is not a whole number of milliseconds", g.Slot)
+	}
 	if g.SlotDepth < 1 || g.SlotDepth > maxSlotDepth {
 		v.errorf(p+".slot_depth", "%d out of range (want 1 to %d)", g.SlotDepth, maxSlotDepth)
 	}
 	checkPositive(v, p+".member_interval", g.MemberInterval)
-	if g.SkewSlots < 0 {
-		v.errorf(p+".skew_slots", "must not be negative, got %d", g.SkewSlots)
+	if g.SkewSlots < 0 || g.SkewSlots > 255 {
+		v.errorf(p+".skew_slots", "%d out of range (want 0 to 255)", g.SkewSlots)
 	}
 	if g.Degree < 2 {
 		v.errorf(p+".degree", "%d too small (want at least 2)", g.Degree)

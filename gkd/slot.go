@@ -24,7 +24,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"math/bits"
+	"time"
 )
 
 // Slot tree limits and labels.
@@ -235,4 +237,192 @@ func ParseSlotNodes(b []byte) ([]SlotNode, error) {
 		return nil, err
 	}
 	return nodes, nil
+}
+
+// SlotEpochBits is how many low bits of a SLOTTED envelope epoch carry the
+// absolute slot; the K2 generation fills the high bits ([SlotEpoch]).
+const SlotEpochBits = 24
+
+// SlotEpoch packs a K2 generation and an absolute slot into the 32-bit
+// epoch of an envelope: u8 (gen mod 256) ‖ u24 (slot mod 2^24). The epoch only
+// names a key among the few a receiver holds (the slots within its skew
+// window, under at most two generations), which never collide; the key
+// itself is bound to the full slot and generation by [SlotKey].
+func SlotEpoch(gen uint32, slot uint64) uint32 {
+	return gen<<SlotEpochBits | uint32(slot&(1<<SlotEpochBits-1))
+}
+
+// SlotCover is a member's cover within one tree of a slotted group.
+type SlotCover struct {
+	Tree  uint32
+	Nodes []SlotNode
+}
+
+// SlotGrant is what a member of a slotted group receives on joining, in the
+// Ext of its JoinResponse (the response's Key is the group's K2 and its Epoch
+// the K2 generation): the group's clock and the covers of the slots it may
+// read. Absolute slot s starts at Origin + s·Slot and is leaf s mod 2^Depth of
+// tree s / 2^Depth.
+type SlotGrant struct {
+	Origin      time.Time     // start of slot 0, whole milliseconds
+	Slot        time.Duration // slot length, whole milliseconds, at least 1 ms
+	Depth       uint8         // depth of every tree
+	Skew        uint8         // slots accepted on either side of the current one
+	First, Last uint64        // the absolute slots granted, both included
+	Covers      []SlotCover   // in tree order; at most 255
+}
+
+// SlotAt returns the absolute slot that server time t falls in, and
+// false before the origin.
+func (g *SlotGrant) SlotAt(t time.Time) (uint64, bool) {
+	d := t.Sub(g.Origin)
+	if d < 0 || g.Slot <= 0 {
+		return 0, false
+	}
+	return uint64(d / g.Slot), true
+}
+
+// SlotStart returns when absolute slot s starts, in server time.
+func (g *SlotGrant) SlotStart(s uint64) time.Time {
+	return g.Origin.Add(time.Duration(s) * g.Slot)
+}
+
+// Leaf returns absolute slot s's leaf from the grant's covers, and false if
+// the grant does not cover s.
+func (g *SlotGrant) Leaf(s uint64) ([32]byte, bool) {
+	tree := s >> g.Depth
+	for _, c := range g.Covers {
+		if uint64(c.Tree) == tree {
+			return DeriveLeaf(c.Nodes, s&(1<<g.Depth-1))
+		}
+	}
+	return [32]byte{}, false
+}
+
+// Key returns the key of absolute slot s of group under K2 k2 of generation
+// gen, and false if the grant does not cover s.
+func (g *SlotGrant) Key(k2 [32]byte, group string, gen uint32, s uint64) ([32]byte, bool) {
+	leaf, ok := g.Leaf(s)
+	if !ok {
+		return [32]byte{}, false
+	}
+	return SlotKey(k2, leaf, group, uint32(s>>g.Depth), s&(1<<g.Depth-1), gen), true
+}
+
+// SlotCovers returns the covers of absolute slots first to last across the
+// trees of the given depth; root returns each tree's root. The range may
+// span trees (a grant reaching past the end of the current tree carries the
+// next tree's cover: that is how a new tree is announced).
+func SlotCovers(depth int, first, last uint64, root func(tree uint32) ([32]byte, error)) ([]SlotCover, error) {
+	if depth < 1 || depth > MaxSlotDepth || first > last || last>>depth > math.MaxUint32 {
+		return nil, fmt.Errorf("%w: slots %d to %d at depth %d", ErrSlotRange, first, last, depth)
+	}
+	var covers []SlotCover
+	mask := uint64(1)<<depth - 1
+	for t := first >> depth; t <= last>>depth; t++ {
+		r, err := root(uint32(t))
+		if err != nil {
+			return nil, err
+		}
+		a, b := uint64(0), mask
+		if t == first>>depth {
+			a = first & mask
+		}
+		if t == last>>depth {
+			b = last & mask
+		}
+		nodes, err := NewSlotTree(depth, r).Cover(a, b)
+		if err != nil {
+			return nil, err
+		}
+		covers = append(covers, SlotCover{Tree: uint32(t), Nodes: nodes})
+	}
+	if len(covers) > 255 {
+		return nil, fmt.Errorf("%w: slots %d to %d span %d trees, more than 255", ErrSlotRange, first, last, len(covers))
+	}
+	return covers, nil
+}
+
+// MarshalBinary encodes the grant:
+//
+//	u64 origin (Unix ms) ‖ u32 slot (ms) ‖ u8 depth ‖ u8 skew ‖ u64 first ‖ u64 last ‖
+//	u8 count ‖ count × (u32 tree ‖ slot nodes, see AppendSlotNodes)
+func (g SlotGrant) MarshalBinary() ([]byte, error) {
+	if err := g.check(); err != nil {
+		return nil, err
+	}
+	b := binary.BigEndian.AppendUint64(nil, uint64(g.Origin.UnixMilli()))
+	b = binary.BigEndian.AppendUint32(b, uint32(g.Slot/time.Millisecond))
+	b = append(b, g.Depth, g.Skew)
+	b = binary.BigEndian.AppendUint64(b, g.First)
+	b = binary.BigEndian.AppendUint64(b, g.Last)
+	b = append(b, uint8(len(g.Covers)))
+	for _, c := range g.Covers {
+		b = binary.BigEndian.AppendUint32(b, c.Tree)
+		var err error
+		if b, err = AppendSlotNodes(b, c.Nodes); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+// check validates what both encoding and decoding require.
+func (g *SlotGrant) check() error {
+	switch {
+	case g.Origin.UnixMilli() < 0 || g.Origin.Sub(time.UnixMilli(g.Origin.UnixMilli())) != 0:
+		return fmt.Errorf("%w: slot grant origin %v is not a whole millisecond after 1970", ErrMalformed, g.Origin)
+	case g.Slot < time.Millisecond || g.Slot%time.Millisecond != 0 || g.Slot/time.Millisecond > math.MaxUint32:
+		return fmt.Errorf("%w: slot length %v is not 1 ms to 2^32 ms in whole milliseconds", ErrMalformed, g.Slot)
+	case g.Depth < 1 || g.Depth > MaxSlotDepth:
+		return fmt.Errorf("%w: slot depth %d (want 1 to %d)", ErrMalformed, g.Depth, MaxSlotDepth)
+	case g.First > g.Last || g.Last>>g.Depth > math.MaxUint32:
+		return fmt.Errorf("%w: slots %d to %d at depth %d", ErrMalformed, g.First, g.Last, g.Depth)
+	case len(g.Covers) > 255:
+		return fmt.Errorf("%w: %d slot covers, more than 255", ErrMalformed, len(g.Covers))
+	}
+	for _, c := range g.Covers {
+		for _, n := range c.Nodes {
+			if n.Height > g.Depth || !n.valid() || n.Last()>>g.Depth != 0 {
+				return fmt.Errorf("%w: slot node %d/%d of tree %d lies outside a tree of depth %d", ErrMalformed, n.Height, n.Index, c.Tree, g.Depth)
+			}
+		}
+	}
+	return nil
+}
+
+// ParseSlotGrant decodes what SlotGrant.MarshalBinary encoded. Errors wrap
+// [ErrMalformed].
+func ParseSlotGrant(b []byte) (SlotGrant, error) {
+	r := reader{what: "slot grant", b: b}
+	var g SlotGrant
+	g.Origin = r.time("origin")
+	g.Slot = time.Duration(r.u32("slot")) * time.Millisecond
+	g.Depth = r.u8("depth")
+	g.Skew = r.u8("skew")
+	g.First = r.u64("first")
+	g.Last = r.u64("last")
+	n := int(r.u8("covers"))
+	for k := 0; k < n && r.err == nil; k++ {
+		c := SlotCover{Tree: r.u32("tree")}
+		count := int(r.u8("nodes"))
+		raw := r.next("nodes", count*SlotNodeSize)
+		if r.err != nil {
+			break
+		}
+		nodes, err := ParseSlotNodes(append([]byte{uint8(count)}, raw...))
+		if err != nil {
+			r.fail("cover %d: %v", k, err)
+			break
+		}
+		c.Nodes = nodes
+		g.Covers = append(g.Covers, c)
+	}
+	if err := r.done(); err != nil {
+		return SlotGrant{}, err
+	}
+	if err := g.check(); err != nil {
+		return SlotGrant{}, err
+	}
+	return g, nil
 }

@@ -110,6 +110,8 @@ type groupState struct {
 	lkh          *gkd.LKHMember
 	rekeyCounter uint64
 
+	slot *slotState // slotted groups only
+
 	joinLatency time.Duration
 }
 
@@ -304,6 +306,12 @@ func (c *Client) send(typ gkd.MsgType, body interface{ MarshalBinary() ([]byte, 
 // onMessage handles one message from the key server. Only messages signed
 // by the pinned key server are looked at further.
 func (c *Client) onMessage(raw []byte) {
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return // closed or abandoned: a crashed process acts on nothing
+	}
 	msg, err := gkd.Parse(raw)
 	if err != nil {
 		c.log.Warn("dropped a malformed key-distribution message", "error", err)
@@ -391,6 +399,19 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 		c.log.Warn("dropped a join response that answers no request of this process", "group", c.gids[r.Group])
 		return
 	}
+	st := c.state[group]
+	if r.Scheme == gkd.SchemeSlotted {
+		if !c.onSlotJoinLocked(st, group, msg, r, c.sentAt[r.RequestNonce]) {
+			return
+		}
+		st.joinLatency = time.Since(c.sentAt[r.RequestNonce])
+		c.forgetJoinsLocked(group)
+		st.joined, st.refused, st.lkh = true, "", nil
+		st.lastRekey = time.Now()
+		c.freshLocked(st, group)
+		c.cond.Broadcast()
+		return
+	}
 	var lkh *gkd.LKHMember
 	if r.Scheme == gkd.SchemeLKH {
 		var err error
@@ -399,13 +420,11 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 			return
 		}
 	}
-	st := c.state[group]
 	st.joinLatency = time.Since(c.sentAt[r.RequestNonce])
-	for n, g := range c.joins {
-		if g == group {
-			delete(c.joins, n)
-			delete(c.sentAt, n)
-		}
+	c.forgetJoinsLocked(group)
+	if st.slot != nil {
+		st.slot.stop() // the group is no longer slotted
+		st.slot = nil
 	}
 	if err := c.opts.Ring.Install(group, r.Epoch, envelope.GroupKey(r.Key), r.Sender, !time.Now().Before(r.ActivateAt)); err != nil {
 		c.log.Error("installing a group key failed", "group", group, "error", err)
@@ -421,6 +440,16 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 	c.freshLocked(st, group)
 	c.cond.Broadcast()
 	c.log.Info("joined group", "group", group, "epoch", r.Epoch, "sender", r.Sender)
+}
+
+// forgetJoinsLocked drops the outstanding join requests of a group.
+func (c *Client) forgetJoinsLocked(group string) {
+	for n, g := range c.joins {
+		if g == group {
+			delete(c.joins, n)
+			delete(c.sentAt, n)
+		}
+	}
 }
 
 func (c *Client) onRefusal(msg *gkd.Message) {
@@ -443,6 +472,10 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 		st.joined = false
 		c.opts.Ring.Forget(group)
 	}
+	if st.slot != nil {
+		st.slot.stop()
+		st.slot = nil
+	}
 	c.cond.Broadcast()
 	c.log.Error("the key server refused to admit this sidecar to a group", "group", group, "reason", r.Reason)
 }
@@ -461,6 +494,10 @@ func (c *Client) onRekey(msg *gkd.Message) {
 	st := c.state[group]
 	if !st.joined || r.Counter <= st.counter {
 		c.log.Warn("dropped an old or replayed rekey", "group", group, "counter", r.Counter, "have", st.counter)
+		return
+	}
+	if st.slot != nil {
+		c.onSlotRekeyLocked(st, group, r)
 		return
 	}
 	prev := st.epoch
@@ -655,6 +692,9 @@ func (c *Client) Abandon() {
 		for _, t := range st.timers {
 			t.Stop()
 		}
+		if st.slot != nil {
+			st.slot.stop()
+		}
 	}
 	c.mu.Unlock()
 	c.cancel()
@@ -672,6 +712,9 @@ func (c *Client) Close() {
 	for _, st := range c.state {
 		for _, t := range st.timers {
 			t.Stop()
+		}
+		if st.slot != nil {
+			st.slot.stop()
 		}
 	}
 	conn := c.conn

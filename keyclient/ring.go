@@ -40,6 +40,7 @@ type Ring struct {
 	senders map[string]uint64                        // group -> this process's sender id
 	fresh   map[string]time.Time                     // group -> seal only until (key server mode)
 	until   map[string]map[uint32]time.Time          // group -> epoch -> senders stop using it
+	miss    map[string]func(epoch uint32)            // group -> told of each lookup without a key
 	now     func() time.Time
 }
 
@@ -51,6 +52,7 @@ func NewRing() *Ring {
 		senders: make(map[string]uint64),
 		fresh:   make(map[string]time.Time),
 		until:   make(map[string]map[uint32]time.Time),
+		miss:    make(map[string]func(uint32)),
 		now:     time.Now,
 	}
 }
@@ -160,6 +162,14 @@ func (r *Ring) Retire(group string, epoch uint32) {
 	}
 }
 
+// StopSealing makes the ring seal nothing for a group until an epoch is
+// activated again; its keys still open messages.
+func (r *Ring) StopSealing(group string) {
+	r.mu.Lock()
+	delete(r.sealers, group)
+	r.mu.Unlock()
+}
+
 // Forget drops every key of a group: nothing is sealed or opened for it
 // until keys are installed again.
 func (r *Ring) Forget(group string) {
@@ -189,8 +199,20 @@ func (r *Ring) Sealer(group string) (*envelope.Sealer, error) {
 func (r *Ring) GroupKey(group string, epoch uint32) (*envelope.GroupKey, bool) {
 	r.mu.RLock()
 	k, ok := r.keys[group][epoch]
+	miss := r.miss[group]
 	r.mu.RUnlock()
+	if !ok && miss != nil {
+		miss(epoch)
+	}
 	return k, ok
+}
+
+// OnMiss has f told of every lookup of a group's epoch that finds no key
+// (a slotted group explains in its logs which slot the message was for).
+func (r *Ring) OnMiss(group string, f func(epoch uint32)) {
+	r.mu.Lock()
+	r.miss[group] = f
+	r.mu.Unlock()
 }
 
 // RandomSenderID draws a non-zero 64-bit sender id from crypto/rand.

@@ -2,6 +2,8 @@ package keyserver_test
 
 import (
 	"fmt"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -10,6 +12,7 @@ import (
 	"github.com/smqtt/smqtt/internal/fleet"
 	"github.com/smqtt/smqtt/internal/mqtttest"
 	"github.com/smqtt/smqtt/keyclient"
+	"github.com/smqtt/smqtt/keyserver"
 )
 
 // testFleet is a key server and its members around an embedded broker.
@@ -21,16 +24,56 @@ type testFleet struct {
 
 func newFleet(t *testing.T, scheme string, allowed []string, others ...string) *testFleet {
 	t.Helper()
+	return newFleetWith(t, fleet.Options{Scheme: scheme, Members: allowed, Others: others})
+}
+
+// newFleetWith starts an embedded broker and a fleet of o around it.
+func newFleetWith(t *testing.T, o fleet.Options) *testFleet {
+	t.Helper()
 	up, err := embedded.Start(embedded.Options{})
 	must(t, err)
 	t.Cleanup(func() { up.Close() })
-	f, err := fleet.New(fleet.Options{
-		UpstreamURL: up.URL(), UpstreamAddr: up.Addr(), Dir: t.TempDir(),
-		Scheme: scheme, Members: allowed, Others: others,
-	})
+	o.UpstreamURL, o.UpstreamAddr, o.Dir = up.URL(), up.Addr(), t.TempDir()
+	f, err := fleet.New(o)
 	must(t, err)
 	t.Cleanup(f.Close)
 	return &testFleet{Fleet: f, t: t, up: up}
+}
+
+// revoke reloads the key server with its group allowing only members.
+func (f *testFleet) revoke(members ...string) {
+	f.t.Helper()
+	opts := f.KSOpts
+	g := opts.Groups[0]
+	g.Members = members
+	opts.Groups = []keyserver.GroupConfig{g}
+	must(f.t, f.KS.Reload(opts))
+}
+
+// stream publishes n QoS 1 messages "0" … "n-1" on topic from app, pause
+// apart, in the background; wait waits for the last one.
+func stream(t *testing.T, app *mqtttest.App, topic string, n int, pause time.Duration) (wait func()) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < n; i++ {
+			if err := app.Publish(topic, 1, false, []byte(strconv.Itoa(i))); err != nil {
+				t.Errorf("publish %d: %v", i, err)
+				return
+			}
+			time.Sleep(pause)
+		}
+	}()
+	return wg.Wait
+}
+
+// expectStream expects "0" … "n-1" on topic, in order.
+func expectStream(t *testing.T, app *mqtttest.App, topic string, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		expect(t, app, topic, strconv.Itoa(i))
+	}
 }
 
 func (f *testFleet) join(name string) *fleet.Node {

@@ -34,7 +34,7 @@ import (
 type GroupConfig struct {
 	Name             string
 	Topics           []string
-	Scheme           string // "static", "update" or "lkh"
+	Scheme           string // "static", "update", "slotted" or "lkh"
 	Members          []string
 	RekeyBatch       time.Duration // gather changes this long, then rekey once
 	RekeyLead        time.Duration // activate_at = now + RekeyLead
@@ -42,6 +42,12 @@ type GroupConfig struct {
 	ReceiveRetention time.Duration
 	Degree           int // lkh: the key tree's degree, default 4
 	MaxMessageSize   int // lkh: bound of one GroupRekey message, default 256 KiB
+
+	// slotted (see slotted.go); zero values take the defaults.
+	Slot           time.Duration // slot length, whole milliseconds
+	SlotDepth      int           // each slot tree covers 2^SlotDepth slots
+	MemberInterval time.Duration // how far ahead a join's grant reaches
+	SkewSlots      int           // slots receivers accept either side of now
 }
 
 // Defaults of the lkh settings of a GroupConfig.
@@ -93,6 +99,11 @@ type Server struct {
 	timers    sync.WaitGroup
 	stopBeat  chan struct{}
 	beatDone  chan struct{}
+
+	// afterRekeySend is a test seam, nil in production: called with mu
+	// held after each member's Rekey is handed to the broker; when it
+	// returns false the fan-out stops there, as if the process had died.
+	afterRekeySend func(member string) bool
 }
 
 type member struct {
@@ -113,6 +124,7 @@ type group struct {
 	leaving   map[string]bool // to be removed at the next rekey
 	revoking  bool            // the next rekey removes a revoked member
 	rekeyAt   *time.Timer
+	expiry    *time.Timer            // slotted: the earliest end of a member's grant
 	suspended map[string]*time.Timer // Will received: leave unless the member answers
 	challenge map[string][16]byte
 }
@@ -221,6 +233,20 @@ func (s *Server) configure(opts Options) error {
 		if gc.Scheme != "lkh" {
 			g.tree = nil
 		}
+		if gc.Scheme == "slotted" {
+			if err := checkSlotted(&gc); err != nil {
+				return err
+			}
+			origin := g.rec.SlotOrigin
+			if err := loadSlotted(gc, g.rec); err != nil {
+				return err
+			}
+			if g.rec.SlotOrigin != origin {
+				if err := s.store.saveGroup(gc.Name, g.rec); err != nil {
+					return fmt.Errorf("keyserver: group %q: %w", gc.Name, err)
+				}
+			}
+		}
 		g.cfg = gc
 		g.allowed = make(map[string]bool, len(gc.Members))
 		for _, n := range gc.Members {
@@ -263,6 +289,9 @@ func (s *Server) Start() error {
 		if len(g.leaving) > 0 {
 			s.scheduleRekeyLocked(g)
 		}
+		if g.cfg.Scheme == "slotted" {
+			s.armExpiryLocked(g) // grants that ran out while the server was down expire now
+		}
 	}
 	s.mu.Unlock()
 	s.client.Connect()
@@ -302,6 +331,9 @@ func (s *Server) Close() error {
 	for _, g := range s.groups {
 		if g.rekeyAt != nil {
 			g.rekeyAt.Stop()
+		}
+		if g.expiry != nil {
+			g.expiry.Stop()
 		}
 		for _, t := range g.suspended {
 			t.Stop()
@@ -471,6 +503,10 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 	}
 	m.connID = req.ConnID
 	s.cancelSuspensionLocked(g, m.name, "rejoined")
+	if g.cfg.Scheme == "slotted" {
+		s.joinSlottedLocked(g, m, nonce)
+		return
+	}
 	rec := g.rec
 	_, joined := rec.Joined[m.name]
 	if g.tree != nil && joined {
@@ -526,6 +562,11 @@ func (s *Server) leaveLocked(m *member, lv gkd.Leave) {
 // rekey that removes it happens even across a key-server restart.
 func (s *Server) markLeavingLocked(g *group, name string) {
 	g.leaving[name] = true
+	s.storeLeavingLocked(g, name)
+}
+
+// storeLeavingLocked commits the group's leaving members.
+func (s *Server) storeLeavingLocked(g *group, name string) {
 	g.rec.Leaving = g.rec.Leaving[:0]
 	for n := range g.leaving {
 		g.rec.Leaving = append(g.rec.Leaving, n)
@@ -631,6 +672,10 @@ func (s *Server) rekeyNowLocked(g *group) {
 		return
 	}
 	rec := g.rec
+	if g.cfg.Scheme == "slotted" {
+		s.noteRevokedLocked(g)
+		defer s.armExpiryLocked(g)
+	}
 	for name := range g.leaving {
 		delete(rec.Joined, name)
 	}
@@ -677,14 +722,21 @@ func (s *Server) rekeyNowLocked(g *group) {
 		}
 		s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id), msg)
 		sent++
+		if s.afterRekeySend != nil && !s.afterRekeySend(name) {
+			return
+		}
 	}
 	s.log.Info("group rekeyed", "group", g.cfg.Name, "epoch", rec.Epoch, "members", len(rec.Joined), "rekeys_sent", sent, "joined", len(newcomers))
 }
 
 func (s *Server) sendJoinResponseLocked(g *group, m *member, nonce [16]byte, sender uint64, activateAt time.Time) {
+	s.sendJoinResponseExtLocked(g, m, nonce, sender, activateAt, nil)
+}
+
+func (s *Server) sendJoinResponseExtLocked(g *group, m *member, nonce [16]byte, sender uint64, activateAt time.Time, ext []byte) {
 	body := gkd.JoinResponse{
 		Group: g.id, RequestNonce: nonce, Scheme: schemeCode(g.cfg.Scheme),
-		Epoch: g.rec.Epoch, Sender: sender, Counter: g.rec.Counter, ActivateAt: activateAt,
+		Epoch: g.rec.Epoch, Sender: sender, Counter: g.rec.Counter, ActivateAt: activateAt, Ext: ext,
 	}
 	copy(body.Key[:], g.rec.Key)
 	if g.tree != nil {
@@ -824,6 +876,8 @@ func schemeCode(s string) gkd.Scheme {
 		return gkd.SchemeStatic
 	case "update":
 		return gkd.SchemeUpdate
+	case "slotted":
+		return gkd.SchemeSlotted
 	case "lkh":
 		return gkd.SchemeLKH
 	}

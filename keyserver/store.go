@@ -30,12 +30,22 @@ type groupRecord struct {
 	// Tree is an lkh group's key tree ([gkd.LKHTree.MarshalBinary]); secret
 	// like Key.
 	Tree []byte `json:"tree,omitempty"`
+	// A slotted group's clock and trees (Key is its K2, Epoch K2's
+	// generation): slot 0 starts at SlotOrigin (Unix ms); SlotRoots are the
+	// secret roots of the trees grants still reach; RevokedUntil (Unix ms) is
+	// how far the covers of revoked members reach.
+	SlotOrigin   int64             `json:"slot_origin,omitempty"`
+	SlotMS       int64             `json:"slot_ms,omitempty"`
+	SlotDepth    int               `json:"slot_depth,omitempty"`
+	SlotRoots    map[uint32][]byte `json:"slot_roots,omitempty"`
+	RevokedUntil int64             `json:"revoked_until,omitempty"`
 }
 
 // joinedMember is a member currently holding the group key.
 type joinedMember struct {
 	Sender uint64    `json:"sender"`
 	Since  time.Time `json:"since"`
+	Until  time.Time `json:"until,omitzero"` // slotted: the end of its grant
 }
 
 // store is the key server's bbolt database. Every change that a reply

@@ -3,8 +3,6 @@ package keyserver_test
 import (
 	"fmt"
 	"maps"
-	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -12,7 +10,6 @@ import (
 	"github.com/smqtt/smqtt/envelope"
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
-	"github.com/smqtt/smqtt/keyserver"
 )
 
 // TestUpdateLeaveThreeWays: in an UPDATE group, members that leave by a
@@ -35,13 +32,7 @@ func testLeaveThreeWays(t *testing.T, scheme string) {
 		{"crash", func(n *fleet.Node) {
 			n.Crash() // the connection dies without DISCONNECT: the broker sends the Will
 		}},
-		{"revoked", func(n *fleet.Node) {
-			opts := f.KSOpts
-			g := opts.Groups[0]
-			g.Members = []string{"a", "b", "shutdown", "crash"}
-			opts.Groups = []keyserver.GroupConfig{g}
-			must(t, f.KS.Reload(opts))
-		}},
+		{"revoked", func(*fleet.Node) { f.revoke("a", "b", "shutdown", "crash") }},
 	}
 	for _, l := range leaves {
 		t.Run(l.name, func(t *testing.T) {
@@ -50,25 +41,12 @@ func testLeaveThreeWays(t *testing.T, scheme string) {
 
 			// a QoS 1 stream from a to b runs across the leave and its rekey
 			const n = 300
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := 0; i < n; i++ {
-					if err := a.App.Publish("secure/stream/"+l.name, 1, false, []byte(strconv.Itoa(i))); err != nil {
-						t.Errorf("publish %d: %v", i, err)
-						return
-					}
-					time.Sleep(2 * time.Millisecond)
-				}
-			}()
+			wait := stream(t, a.App, "secure/stream/"+l.name, n, 2*time.Millisecond)
 			l.leave(leaver)
 			after := waitEpoch(t, a, before)
 			waitFor(t, func() bool { return b.Epoch() == after }, "b activates epoch %d", after)
-			wg.Wait()
-			for i := 0; i < n; i++ {
-				expect(t, b.App, "secure/stream/"+l.name, strconv.Itoa(i))
-			}
+			wait()
+			expectStream(t, b.App, "secure/stream/"+l.name, n)
 
 			secret := "after-" + l.name
 			must(t, a.App.Publish("secure/after", 1, false, []byte(secret)))

@@ -21,8 +21,8 @@ import (
 )
 
 func runDemo(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("demo", "demo [--scheme static|update|lkh] [--clients N] [--keep]", stderr)
-	scheme := fs.String("scheme", "update", "group key scheme: static, update or lkh")
+	fs := newFlags("demo", "demo [--scheme static|update|slotted|lkh] [--clients N] [--keep]", stderr)
+	scheme := fs.String("scheme", "update", "group key scheme: static, update, slotted or lkh")
 	clients := fs.Int("clients", 2, "number of sidecars, each with one legacy app (2 to 50)")
 	keep := fs.Bool("keep", false, "keep running after the checks so you can point mosquitto_sub/mosquitto_pub at the printed addresses")
 	newLog := logFlags(fs, stderr, "error")
@@ -33,8 +33,8 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *scheme != "static" && *scheme != "update" && *scheme != "lkh" {
-		return fmt.Errorf("--scheme: %q is not available in this build (static, update, lkh)", *scheme)
+	if *scheme != "static" && *scheme != "update" && *scheme != "slotted" && *scheme != "lkh" {
+		return fmt.Errorf("--scheme: %q is not a scheme (static, update, slotted, lkh)", *scheme)
 	}
 	if *clients < 2 || *clients > 50 {
 		return fmt.Errorf("--clients: %d is out of range (2 to 50)", *clients)
@@ -108,6 +108,8 @@ func (d *demo) run(n int) error {
 		UpstreamURL: d.broker.URL(), UpstreamAddr: d.broker.Addr(), Dir: d.dir,
 		Scheme: d.scheme, Suite: gkd.SuiteHybrid, Logger: d.log,
 		Members: append(names, "sidecar-late"),
+		// slotted: short slots, so that the demo crosses a few of them
+		Slot: 2 * time.Second, MemberInterval: time.Minute, SkewSlots: 1,
 	})
 	if err != nil {
 		return err
@@ -126,7 +128,7 @@ func (d *demo) run(n int) error {
 	if err != nil {
 		return err
 	}
-	if err := d.check(true, "%d sidecars joined group %q and seal with epoch %d", n, fleet.Group, epoch); err != nil {
+	if err := d.check(true, "%d sidecars joined group %q and seal with %s", n, fleet.Group, d.epochName(epoch)); err != nil {
 		return err
 	}
 	for _, node := range d.nodes[1:] {
@@ -202,6 +204,9 @@ func (d *demo) run(n int) error {
 // group, and neither the newcomer can read the past nor the leaver the future.
 func (d *demo) membership(epoch uint32, past []byte) error {
 	fmt.Fprintln(d.out, "\nMembership changes:")
+	if d.scheme == "slotted" {
+		return d.slottedMembership(past)
+	}
 	late, err := d.fleet.Join("sidecar-late")
 	if err != nil {
 		return err
@@ -246,6 +251,61 @@ func (d *demo) membership(epoch uint32, past []byte) error {
 		}
 	}
 	return d.check(!opens(late, "secure/door/front", d.seen("secure/door/front")), "sidecar-late cannot open it")
+}
+
+// epochName says what an epoch is: a slotted epoch packs a slot and a K2
+// generation.
+func (d *demo) epochName(e uint32) string {
+	if d.scheme == "slotted" {
+		return fmt.Sprintf("slot %d, K2 generation %d", e&(1<<gkd.SlotEpochBits-1), e>>gkd.SlotEpochBits)
+	}
+	return fmt.Sprintf("epoch %d", e)
+}
+
+// slottedMembership shows slotted's join and leave: a join costs no
+// message to the others and gives no slot before the current one; a leave
+// refreshes K2, so the leaver's tree covers open nothing later.
+func (d *demo) slottedMembership(past []byte) error {
+	// Let the slot of the past message end: backward secrecy is per slot.
+	start := d.nodes[0].Epoch()
+	for d.nodes[0].Epoch() == start {
+		time.Sleep(20 * time.Millisecond)
+	}
+	gen, _ := d.fleet.KS.GroupEpoch(fleet.Group)
+	late, err := d.fleet.Join("sidecar-late")
+	if err != nil {
+		return err
+	}
+	now, _ := d.fleet.KS.GroupEpoch(fleet.Group)
+	if err := d.check(now == gen, "sidecar-late joined with a grant of slots from now on; nobody was rekeyed (K2 generation %d)", now); err != nil {
+		return err
+	}
+	if err := d.check(!opens(late, "secure/door/front", past), "sidecar-late cannot open a message from an earlier slot"); err != nil {
+		return err
+	}
+	late.Close()
+	for deadline := time.Now().Add(10 * time.Second); now == gen && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		now, _ = d.fleet.KS.GroupEpoch(fleet.Group)
+	}
+	if err := d.check(now > gen, "sidecar-late left before its grant ended: K2 refreshed from generation %d to %d", gen, now); err != nil {
+		return err
+	}
+	for _, n := range d.nodes {
+		for deadline := time.Now().Add(10 * time.Second); n.Epoch()>>gkd.SlotEpochBits != now&0xff && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := d.nodes[0].App.Publish("secure/door/front", 1, false, []byte("new code 0815")); err != nil {
+		return err
+	}
+	for i, node := range d.nodes[1:] {
+		got, ok := node.App.Next(5 * time.Second)
+		if err := d.check(ok && string(got.Payload) == "new code 0815", "legacy-app-%d received the next message under %s", i+2, d.epochName(d.nodes[0].Epoch())); err != nil {
+			return err
+		}
+	}
+	return d.check(!opens(late, "secure/door/front", d.seen("secure/door/front")), "sidecar-late cannot open it, although it holds tree keys for the coming slots")
 }
 
 // seen returns the last payload the broker saw on topic.

@@ -113,9 +113,6 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 		if g.SenderAuth {
 			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].sender_auth: per-sender signatures are not available in this build yet", i)
 		}
-		if g.Scheme != config.SchemeStatic && g.Scheme != config.SchemeUpdate && g.Scheme != config.SchemeLKH {
-			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].scheme: %q is not available in this build yet (static, update, lkh)", i, g.Scheme)
-		}
 		if g.Scheme == config.SchemeLKH && g.Degree > gkd.MaxLKHDegree {
 			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].degree: %d too large (want at most %d)", i, g.Degree, gkd.MaxLKHDegree)
 		}
@@ -123,6 +120,7 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 			Name: g.Name, Topics: g.Topics, Scheme: string(g.Scheme), Members: g.Members,
 			RekeyBatch: g.RekeyBatch, RekeyLead: g.RekeyLead, SendGrace: g.SendGrace, ReceiveRetention: g.ReceiveRetention,
 			Degree: g.Degree, MaxMessageSize: int(g.MaxMessageSize),
+			Slot: g.Slot, SlotDepth: g.SlotDepth, MemberInterval: g.MemberInterval, SkewSlots: g.SkewSlots,
 		})
 	}
 	upTLS, err := clientTLS(cfg.Upstream)

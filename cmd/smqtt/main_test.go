@@ -90,16 +90,21 @@ func lines(s string) []string {
 }
 
 func TestDemoPassesAndShowsWhatTheBrokerSaw(t *testing.T) {
-	r := smqtt(t, t.TempDir(), "demo")
-	if r.code != 0 {
-		t.Fatalf("smqtt demo exited %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
-	}
-	out := lines(r.stdout)
-	if len(out) == 0 || !strings.HasPrefix(out[len(out)-1], "VERDICT: PASS") {
-		t.Fatalf("last line of stdout is not VERDICT: PASS:\n%s", r.stdout)
-	}
-	if !strings.Contains(r.stdout, "ciphertext") {
-		t.Errorf("stdout does not show what the broker saw (no \"ciphertext\"):\n%s", r.stdout)
+	for _, scheme := range []string{"update", "static", "slotted", "lkh"} {
+		t.Run(scheme, func(t *testing.T) {
+			t.Parallel()
+			r := smqtt(t, t.TempDir(), "demo", "--scheme", scheme)
+			if r.code != 0 {
+				t.Fatalf("smqtt demo --scheme %s exited %d\nstdout:\n%s\nstderr:\n%s", scheme, r.code, r.stdout, r.stderr)
+			}
+			out := lines(r.stdout)
+			if len(out) == 0 || !strings.HasPrefix(out[len(out)-1], "VERDICT: PASS") {
+				t.Fatalf("last line of stdout is not VERDICT: PASS:\n%s", r.stdout)
+			}
+			if !strings.Contains(r.stdout, "ciphertext") || !strings.Contains(r.stdout, "Membership changes") {
+				t.Errorf("stdout does not show what the broker saw and the membership changes:\n%s", r.stdout)
+			}
+		})
 	}
 }
 

@@ -31,7 +31,7 @@ type Options struct {
 	UpstreamURL  string // the broker
 	UpstreamAddr string // host:port of the broker, for fault relays
 	Dir          string // state: key server store, sidecar data
-	Scheme       string // static, update or lkh (degree 4)
+	Scheme       string // static, update, slotted or lkh (degree 4)
 	Suite        gkd.Suite
 	Members      []string // allowed in the group
 	Others       []string // known to the key server but not in the group
@@ -39,6 +39,9 @@ type Options struct {
 	Registry     prometheus.Registerer // the key server's metrics
 	// Timings (tests shorten them): defaults 100ms, 300ms, 2s, 5s, 300ms, 300ms.
 	RekeyBatch, RekeyLead, SendGrace, ReceiveRetention, Heartbeat, LeaveDelay time.Duration
+	// Slotted groups: zero values take the key server's defaults.
+	Slot, MemberInterval time.Duration
+	SkewSlots, SlotDepth int
 }
 
 // Fleet is a running key server and the identities of its members.
@@ -110,6 +113,7 @@ func New(o Options) (*Fleet, error) {
 			Name: Group, Topics: []string{"secure/#"}, Scheme: o.Scheme, Members: o.Members,
 			RekeyBatch: o.RekeyBatch, RekeyLead: o.RekeyLead, SendGrace: o.SendGrace, ReceiveRetention: o.ReceiveRetention,
 			Degree: 4,
+			Slot:   o.Slot, MemberInterval: o.MemberInterval, SkewSlots: o.SkewSlots, SlotDepth: o.SlotDepth,
 		}},
 		Heartbeat:  o.Heartbeat,
 		LeaveDelay: o.LeaveDelay,
