@@ -203,3 +203,24 @@ func TestSlottedKeyServerRestartKeepsTheClock(t *testing.T) {
 		t.Fatalf("generation %d after a restart, want 1", e)
 	}
 }
+
+// TestSlottedJoinerCannotReadEarlierSlots: backward secrecy at slot
+// granularity: a member joining in a later slot opens nothing sent in an
+// earlier one, and what is sent after it joined.
+func TestSlottedJoinerCannotReadEarlierSlots(t *testing.T) {
+	f := newSlottedFleet(t, 300*time.Millisecond, 30*time.Second, "a", "b", "late")
+	a, b := f.join("a"), f.join("b")
+	must(t, b.App.Subscribe("secure/#", 1))
+	must(t, a.App.Publish("secure/old", 1, false, []byte("before you came")))
+	expect(t, b.App, "secure/old", "before you came")
+	old := f.captured("secure/old")
+	oldSlot, _ := slotOf(t, old)
+	waitFor(t, func() bool { return a.Epoch()&(1<<gkd.SlotEpochBits-1) > oldSlot }, "the next slot")
+	late := f.join("late")
+	must(t, late.App.Subscribe("secure/#", 1))
+	if canOpen(late.Ring, "secure/old", old) {
+		t.Fatal("a member that joined in a later slot opened a message from an earlier one")
+	}
+	must(t, a.App.Publish("secure/new", 1, false, []byte("welcome")))
+	expect(t, late.App, "secure/new", "welcome")
+}
