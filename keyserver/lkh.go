@@ -75,6 +75,8 @@ func (s *Server) rekeyLKHLocked(g *group) {
 			*tree = *gkd.NewLKHTree(tree.Degree(), nil)
 		}
 		rec.Tree, rec.Epoch, rec.Key, rec.Joined, rec.NextSender = prevTree, prevEpoch, prevKey, prevJoined, prevNext
+		// the names changed in the attempt stay marked: the next commit
+		// writes their restored values
 	}
 	r, err := tree.Rekey(joins, leaves)
 	if err != nil {
@@ -88,15 +90,15 @@ func (s *Server) rekeyLKHLocked(g *group) {
 		return
 	}
 	for _, name := range leaves {
-		delete(rec.Joined, name)
+		rec.drop(name)
 	}
 	for name := range g.leaving {
 		if !inTree(name) {
-			delete(rec.Joined, name) // left the tree, or never entered it
+			rec.drop(name) // left the tree, or never entered it
 		}
 	}
 	for _, p := range g.pending {
-		rec.Joined[p.m.name] = &joinedMember{Sender: rec.NextSender, Since: time.Now()}
+		rec.put(p.m.name, &joinedMember{Sender: rec.NextSender, Since: time.Now()})
 		rec.NextSender++
 	}
 	if rec.Tree, err = tree.MarshalBinary(); err != nil {

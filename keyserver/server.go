@@ -104,6 +104,10 @@ type Server struct {
 	// held after each member's Rekey is handed to the broker; when it
 	// returns false the fan-out stops there, as if the process had died.
 	afterRekeySend func(member string) bool
+
+	// sink, when set, receives what would be published instead of the
+	// broker (Cost measures the schemes with it).
+	sink func(topic string, msg []byte)
 }
 
 type member struct {
@@ -518,10 +522,12 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 		// static-group member) gets it again with a fresh sender id.
 		sender := rec.NextSender
 		rec.NextSender++
-		if _, ok := rec.Joined[m.name]; !ok {
-			rec.Joined[m.name] = &joinedMember{Since: time.Now()}
+		jm := joinedMember{Since: time.Now()}
+		if old, ok := rec.Joined[m.name]; ok {
+			jm = *old
 		}
-		rec.Joined[m.name].Sender = sender
+		jm.Sender = sender
+		rec.put(m.name, &jm)
 		if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
 			s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "error", err)
 			return
@@ -619,7 +625,7 @@ func (s *Server) scheduleRekeyLocked(g *group) {
 	if g.cfg.Scheme == "static" {
 		// Static keys never change: leaving members are forgotten at once.
 		for name := range g.leaving {
-			delete(g.rec.Joined, name)
+			g.rec.drop(name)
 		}
 		clear(g.leaving)
 		g.rec.Leaving = nil
@@ -677,14 +683,14 @@ func (s *Server) rekeyNowLocked(g *group) {
 		defer s.armExpiryLocked(g)
 	}
 	for name := range g.leaving {
-		delete(rec.Joined, name)
+		rec.drop(name)
 	}
 	clear(g.leaving)
 	rec.Leaving = nil
 	newcomers := g.pending
 	g.pending = nil
 	for _, p := range newcomers {
-		rec.Joined[p.m.name] = &joinedMember{Sender: rec.NextSender, Since: time.Now()}
+		rec.put(p.m.name, &joinedMember{Sender: rec.NextSender, Since: time.Now()})
 		rec.NextSender++
 	}
 	rec.Epoch++
@@ -813,6 +819,10 @@ func (s *Server) publishPolicyLocked() {
 }
 
 func (s *Server) sendLocked(topic string, msg []byte) {
+	if s.sink != nil && msg != nil {
+		s.sink(topic, msg)
+		return
+	}
 	if s.client == nil || msg == nil {
 		return
 	}

@@ -137,12 +137,12 @@ func (s *Server) joinSlottedLocked(g *group, m *member, nonce [16]byte) {
 	}
 	sender := rec.NextSender
 	rec.NextSender++
-	jm := rec.Joined[m.name]
-	if jm == nil {
-		jm = &joinedMember{Since: now}
-		rec.Joined[m.name] = jm
+	jm := &joinedMember{Since: now}
+	if old := rec.Joined[m.name]; old != nil {
+		jm.Since = old.Since
 	}
 	jm.Sender, jm.Until = sender, sg.SlotStart(sg.Last+1)
+	rec.put(m.name, jm)
 	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
 		s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "error", err)
 		return
@@ -198,7 +198,7 @@ func (s *Server) expireLocked(g *group, now time.Time) {
 	expired := 0
 	for name, jm := range g.rec.Joined {
 		if !jm.Until.After(now) {
-			delete(g.rec.Joined, name)
+			g.rec.drop(name)
 			expired++
 			s.log.Info("member's slot grant ran out", "group", g.cfg.Name, "member", name)
 		}

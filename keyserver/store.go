@@ -1,8 +1,12 @@
 package keyserver
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -28,8 +32,9 @@ type groupRecord struct {
 	// happened yet: a restart in between still rekeys them out.
 	Leaving []string `json:"leaving,omitempty"`
 	// Tree is an lkh group's key tree ([gkd.LKHTree.MarshalBinary]); secret
-	// like Key.
-	Tree []byte `json:"tree,omitempty"`
+	// like Key. It is stored in pages of its own; TreeLen is its length.
+	Tree    []byte `json:"tree,omitempty"`
+	TreeLen int    `json:"tree_len,omitempty"`
 	// A slotted group's clock and trees (Key is its K2, Epoch K2's
 	// generation): slot 0 starts at SlotOrigin (Unix ms); SlotRoots are the
 	// secret roots of the trees grants still reach; RevokedUntil (Unix ms) is
@@ -39,6 +44,30 @@ type groupRecord struct {
 	SlotDepth    int               `json:"slot_depth,omitempty"`
 	SlotRoots    map[uint32][]byte `json:"slot_roots,omitempty"`
 	RevokedUntil int64             `json:"revoked_until,omitempty"`
+
+	// dirty names the members changed since the last commit: change
+	// Joined only through put and drop.
+	dirty map[string]bool
+}
+
+// put makes name a joined member with jm (a new value: never change a
+// stored joinedMember in place).
+func (rec *groupRecord) put(name string, jm *joinedMember) {
+	rec.Joined[name] = jm
+	rec.mark(name)
+}
+
+// drop removes a joined member.
+func (rec *groupRecord) drop(name string) {
+	delete(rec.Joined, name)
+	rec.mark(name)
+}
+
+func (rec *groupRecord) mark(name string) {
+	if rec.dirty == nil {
+		rec.dirty = map[string]bool{}
+	}
+	rec.dirty[name] = true
 }
 
 // joinedMember is a member currently holding the group key.
@@ -51,7 +80,27 @@ type joinedMember struct {
 // store is the key server's bbolt database. Every change that a reply
 // depends on (a new epoch, a sender id, a member joining or leaving) is
 // committed before the reply goes out.
-type store struct{ db *bolt.DB }
+//
+// A group is kept in three parts, so that a commit writes what changed and
+// not the whole group (a 100,000-member lkh group is megabytes): its record
+// (JSON, without members and tree) in bucket "groups"; each joined member
+// under its name in bucket "joined" → group; the key tree's encoding in
+// 64 KiB pages in bucket "tree" → group, only the pages that changed.
+type store struct {
+	db *bolt.DB
+
+	// the tree each group's last commit wrote, compared page by page
+	// against the next
+	savedTree map[string][]byte
+}
+
+var (
+	bucketJoined = []byte("joined")
+	bucketTree   = []byte("tree")
+)
+
+// treePage is the size of one stored page of a key tree's encoding.
+const treePage = 64 << 10
 
 func openStore(path string) (*store, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
@@ -59,7 +108,7 @@ func openStore(path string) (*store, error) {
 		return nil, fmt.Errorf("keyserver: open store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketGroups, bucketMeta} {
+		for _, b := range [][]byte{bucketGroups, bucketMeta, bucketJoined, bucketTree} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -70,7 +119,7 @@ func openStore(path string) (*store, error) {
 		db.Close()
 		return nil, fmt.Errorf("keyserver: init store %s: %w", path, err)
 	}
-	return &store{db: db}, nil
+	return &store{db: db, savedTree: map[string][]byte{}}, nil
 }
 
 func (s *store) close() error { return s.db.Close() }
@@ -83,7 +132,42 @@ func (s *store) loadGroup(name string) (*groupRecord, error) {
 			return nil
 		}
 		rec = new(groupRecord)
-		return json.Unmarshal(v, rec)
+		if err := json.Unmarshal(v, rec); err != nil {
+			return err
+		}
+		if rec.Joined == nil {
+			rec.Joined = map[string]*joinedMember{}
+		}
+		for n := range rec.Joined {
+			rec.mark(n) // an older store's inline members: to be written apart
+		}
+		// Members and tree pages (a record of an older store holds them
+		// inline; they are written apart at its next commit).
+		if jb := tx.Bucket(bucketJoined).Bucket([]byte(name)); jb != nil {
+			if err := jb.ForEach(func(k, v []byte) error {
+				jm := new(joinedMember)
+				if err := json.Unmarshal(v, jm); err != nil {
+					return fmt.Errorf("member %q: %w", k, err)
+				}
+				rec.Joined[string(k)] = jm
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		if tb := tx.Bucket(bucketTree).Bucket([]byte(name)); tb != nil && rec.TreeLen > 0 {
+			tree := make([]byte, 0, rec.TreeLen)
+			c := tb.Cursor()
+			for k, v := c.First(); k != nil; k, v = c.Next() {
+				tree = append(tree, v...)
+			}
+			if len(tree) != rec.TreeLen {
+				return fmt.Errorf("key tree: %d bytes stored, the record says %d", len(tree), rec.TreeLen)
+			}
+			rec.Tree = tree
+			s.savedTree[name] = append([]byte(nil), tree...)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("keyserver: load group %q: %w", name, err)
@@ -91,14 +175,79 @@ func (s *store) loadGroup(name string) (*groupRecord, error) {
 	return rec, nil
 }
 
+// saveGroup commits a group: its record, the members that joined, changed
+// or left since the last commit, and the tree pages that changed.
 func (s *store) saveGroup(name string, rec *groupRecord) error {
-	v, err := json.Marshal(rec)
+	head := *rec
+	head.Joined, head.Tree, head.TreeLen = nil, nil, len(rec.Tree)
+	v, err := json.Marshal(&head)
 	if err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketGroups).Put([]byte(name), v)
+	oldTree := s.savedTree[name]
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketGroups).Put([]byte(name), v); err != nil {
+			return err
+		}
+		jb, err := tx.Bucket(bucketJoined).CreateBucketIfNotExists([]byte(name))
+		if err != nil {
+			return err
+		}
+		// in key order: bbolt appends sorted keys far faster than scattered ones
+		for _, n := range slices.Sorted(maps.Keys(rec.dirty)) {
+			jm, ok := rec.Joined[n]
+			if !ok {
+				if err := jb.Delete([]byte(n)); err != nil {
+					return err
+				}
+				continue
+			}
+			b, err := json.Marshal(jm)
+			if err != nil {
+				return err
+			}
+			if err := jb.Put([]byte(n), b); err != nil {
+				return err
+			}
+		}
+		tb, err := tx.Bucket(bucketTree).CreateBucketIfNotExists([]byte(name))
+		if err != nil {
+			return err
+		}
+		return putPages(tb, oldTree, rec.Tree)
 	})
+	if err != nil {
+		return err
+	}
+	clear(rec.dirty)
+	s.savedTree[name] = append(oldTree[:0], rec.Tree...)
+	return nil
+}
+
+// putPages writes the pages of tree that differ from old, and deletes the
+// pages old had beyond tree's end.
+func putPages(b *bolt.Bucket, old, tree []byte) error {
+	page := func(t []byte, i int) []byte {
+		if i*treePage >= len(t) {
+			return nil
+		}
+		return t[i*treePage : min(len(t), (i+1)*treePage)]
+	}
+	for i := 0; i*treePage < max(len(old), len(tree)); i++ {
+		key := binary.BigEndian.AppendUint32(nil, uint32(i))
+		p := page(tree, i)
+		switch {
+		case p == nil:
+			if err := b.Delete(key); err != nil {
+				return err
+			}
+		case !bytes.Equal(p, page(old, i)):
+			if err := b.Put(key, p); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (s *store) getMeta(key []byte) []byte {

@@ -118,20 +118,28 @@ func rateString(r float64) string {
 }
 
 func runBenchRekey(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("bench rekey", `bench rekey [--members 100,200] [--scheme update] [--suite hybrid|x25519] [--json]
+	fs := newFlags("bench rekey", `bench rekey [--members 100,200] [--scheme update,lkh,slotted] [--suite hybrid|x25519] [--json]
+bench rekey --cost [--members 100,1000,10000,100000] [--batch 16] [--json]
 
 For each member count n: n key-only members join one group (join time and
 joins/s), then one leaves; it measures the time until every remaining member
 holds the new epoch's key, and counts the messages, wrapped keys and bytes the
 key server sent for it (update: one sealed Rekey per member; lkh: broadcast
-chunks of wrapped keys). Runs an embedded broker and key server in this process.
-Scheme: update or lkh (slotted is not in this build yet).`, stderr)
+chunks of wrapped keys; slotted: one sealed K2 refresh per member). Runs an
+embedded broker and key server in this process.
+
+With --cost, the key server alone, without broker or members, measures what one
+join and one leave cost it in groups of up to 100,000 members, per scheme
+(update, lkh, lkh with --batch leaves gathered in one rekey, slotted): keys and
+bytes sent, and its time, store commit included.`, stderr)
 	members := fs.String("members", "100,200", "comma-separated member counts (each at least 2)")
 	scheme := fs.String("scheme", "update,lkh", "group key schemes to compare: update, lkh, or update,lkh")
 	suite := fs.String("suite", string(gkd.SuiteHybrid), "KEM of the identities: hybrid (ML-KEM-768 + X25519) or x25519")
 	batch := fs.Duration("rekey-batch", 100*time.Millisecond, "the key server gathers joins and leaves this long before one rekey")
 	timeout := fs.Duration("timeout", 120*time.Second, "bound for the joins, and again for the leave")
 	jsonOnly := fs.Bool("json", false, "print only the BENCH lines")
+	cost := fs.Bool("cost", false, "measure the key server's cost per join and leave up to --members 100,1000,10000,100000, without broker")
+	leaves := fs.Int("batch", 16, "with --cost: leaves gathered into one lkh rekey for the batching row")
 	newLog := logFlags(fs, stderr, "error")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -140,10 +148,16 @@ Scheme: update or lkh (slotted is not in this build yet).`, stderr)
 	if err != nil {
 		return err
 	}
+	if *cost {
+		if !flagGiven(fs, "members") {
+			*members = "100,1000,10000,100000"
+		}
+		return runRekeyCost(*members, gkd.Suite(*suite), *leaves, *jsonOnly, stdout, stderr)
+	}
 	schemes := strings.Split(*scheme, ",")
 	for _, sch := range schemes {
-		if sch != "update" && sch != "lkh" {
-			return fmt.Errorf("--scheme: %q is not available in this build (update, lkh, or both: update,lkh)", sch)
+		if sch != "update" && sch != "lkh" && sch != "slotted" {
+			return fmt.Errorf("--scheme: %q is not a scheme (update, lkh, slotted, or a list: update,lkh)", sch)
 		}
 	}
 	if *suite != string(gkd.SuiteHybrid) && *suite != string(gkd.SuiteX25519) {

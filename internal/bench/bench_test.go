@@ -138,8 +138,20 @@ func TestLKHLeaveIsOneBroadcast(t *testing.T) {
 	}
 }
 
-func TestRekeyRefusesSchemesThisBuildLacks(t *testing.T) {
-	for _, scheme := range []string{"slotted", "static"} {
+// TestSlottedLeaveIsAK2RefreshPerMember: in a slotted group joins cost the
+// others nothing and a leave sends the new K2 sealed to each remaining member.
+func TestSlottedLeaveIsAK2RefreshPerMember(t *testing.T) {
+	r, err := Rekey(context.Background(), RekeyOptions{Members: 6, Scheme: "slotted", Suite: gkd.SuiteX25519, Dir: t.TempDir(), Timeout: 15 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.RekeyMsgs != 5 || r.WrappedKeys != 5 {
+		t.Errorf("slotted leave: %d messages, %d keys; want one K2 refresh to each of the 5 others", r.RekeyMsgs, r.WrappedKeys)
+	}
+}
+
+func TestRekeyRefusesSchemesWithoutRekeys(t *testing.T) {
+	for _, scheme := range []string{"static", "rotating"} {
 		if _, err := Rekey(context.Background(), RekeyOptions{Members: 3, Scheme: scheme}); !errors.Is(err, ErrOptions) {
 			t.Errorf("scheme %s: %v, want ErrOptions", scheme, err)
 		}

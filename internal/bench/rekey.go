@@ -19,7 +19,7 @@ import (
 // join one group, then one leaves.
 type RekeyOptions struct {
 	Members int       // at least 2
-	Scheme  string    // update (default) or lkh
+	Scheme  string    // update (default), lkh or slotted
 	Suite   gkd.Suite // default gkd.SuiteHybrid
 	// RekeyBatch is how long the key server gathers joins and leaves before
 	// one rekey (default 100ms).
@@ -68,8 +68,8 @@ func Rekey(ctx context.Context, o RekeyOptions) (RekeyResult, error) {
 	if o.Members < 2 {
 		return RekeyResult{}, fmt.Errorf("%w: members %d: a leave needs at least 2", ErrOptions, o.Members)
 	}
-	if o.Scheme != "update" && o.Scheme != "lkh" {
-		return RekeyResult{}, fmt.Errorf("%w: scheme %q: update or lkh (slotted is not in this build)", ErrOptions, o.Scheme)
+	if o.Scheme != "update" && o.Scheme != "lkh" && o.Scheme != "slotted" {
+		return RekeyResult{}, fmt.Errorf("%w: scheme %q: update, lkh or slotted", ErrOptions, o.Scheme)
 	}
 	r := RekeyResult{Name: fmt.Sprintf("rekey-%s-%d", o.Scheme, o.Members), Scheme: o.Scheme, Members: o.Members}
 	dir := o.Dir
@@ -179,12 +179,13 @@ func Rekey(ctx context.Context, o RekeyOptions) (RekeyResult, error) {
 	return r, nil
 }
 
-// holdEpoch waits until every node holds the key of epoch.
+// holdEpoch waits until every node holds the key of epoch (for slotted:
+// of K2 generation epoch).
 func holdEpoch(ctx context.Context, nodes []*fleet.Node, epoch uint32, wait time.Duration) error {
 	deadline := time.Now().Add(wait)
 	for _, n := range nodes {
 		for {
-			if _, ok := n.Ring.GroupKey(fleet.Group, epoch); ok {
+			if st := n.Keys.Status(); len(st) > 0 && st[0].Epoch == epoch {
 				break
 			}
 			if time.Now().After(deadline) {
