@@ -88,6 +88,7 @@ type Client struct {
 	state      map[string]*groupState
 	policyV    uint64
 	policySeen bool
+	policy     *gkd.Policy // the newest verified policy
 	closed     bool
 
 	ctx    context.Context
@@ -213,9 +214,11 @@ func (c *Client) connect(lost chan struct{}) error {
 		gkd.MemberTopic(c.opts.TopicPrefix, c.me):     1,
 		gkd.PolicyTopic(c.opts.TopicPrefix, c.server): 1,
 	}
+	c.mu.Lock()
 	for gid := range c.gids {
 		subs[gkd.GroupTopic(c.opts.TopicPrefix, gid)] = 1
 	}
+	c.mu.Unlock()
 	st := conn.SubscribeMultiple(subs, func(_ paho.Client, m paho.Message) { c.onMessage(m.Payload()) })
 	if !st.WaitTimeout(10*time.Second) || st.Error() != nil {
 		conn.Disconnect(0)
@@ -352,7 +355,7 @@ func (c *Client) onMessage(raw []byte) {
 		c.mu.Lock()
 		newer := p.Version > c.policyV || c.policyV == 0 && !c.policySeen
 		if newer {
-			c.policyV, c.policySeen = p.Version, true
+			c.policyV, c.policySeen, c.policy = p.Version, true, &p
 			if f := c.opts.PolicyVersionFile; f != "" {
 				if err := os.WriteFile(f, []byte(strconv.FormatUint(p.Version, 10)+"\n"), 0o600); err != nil {
 					c.log.Error("storing the policy version failed", "file", f, "error", err)
@@ -640,6 +643,56 @@ func (c *Client) onHeartbeat(msg *gkd.Message) {
 
 func (c *Client) freshLocked(st *groupState, group string) {
 	c.opts.Ring.FreshUntil(group, time.Now().Add(c.opts.MaxStaleness))
+}
+
+// GroupName returns the name of a group this client joins, by its id.
+func (c *Client) GroupName(id [8]byte) (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	name, ok := c.gids[id]
+	return name, ok
+}
+
+// AddGroups joins more groups while running (a reloaded configuration that
+// protects a group it did not name before): their broadcast topics are
+// subscribed on the current connection (and every later one) and they are
+// joined; unanswered joins are resent like the others. The newest policy is
+// handed to OnPolicy again, since it can now name those groups.
+func (c *Client) AddGroups(groups ...string) {
+	c.mu.Lock()
+	var added []string
+	for _, g := range groups {
+		if _, ok := c.state[g]; ok {
+			continue
+		}
+		c.gids[gkd.GroupID(c.server, g)] = g
+		c.state[g] = &groupState{}
+		c.opts.Groups = append(c.opts.Groups, g)
+		added = append(added, g)
+	}
+	conn, policy := c.conn, c.policy
+	c.mu.Unlock()
+	if len(added) == 0 {
+		return
+	}
+	c.log.Info("joining groups added by a reload", "groups", added)
+	if conn != nil {
+		subs := map[string]byte{}
+		for _, g := range added {
+			subs[gkd.GroupTopic(c.opts.TopicPrefix, gkd.GroupID(c.server, g))] = 1
+		}
+		tok := conn.SubscribeMultiple(subs, func(_ paho.Client, m paho.Message) { c.onMessage(m.Payload()) })
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			// The next connection subscribes them; joins are retried until then.
+			c.log.Warn("subscribing to added groups failed; retrying with the next connection", "error", tok.Error())
+		}
+		for _, g := range added {
+			c.join(g)
+		}
+	}
+	if policy != nil && c.opts.OnPolicy != nil {
+		c.opts.OnPolicy(*policy)
+	}
 }
 
 // WaitJoined waits until every group is joined, or one was refused.

@@ -8,6 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/gkd"
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
 )
@@ -264,5 +265,30 @@ func TestLeaveSurvivesKeyServerRestartBeforeItsRekey(t *testing.T) {
 	waitFor(t, func() bool { return b.Epoch() == after }, "b follows")
 	if _, ok := c.Ring.GroupKey(fleet.Group, after); ok {
 		t.Fatal("the member that left before the restart holds the new key")
+	}
+}
+
+// TestKeyClientJoinsAGroupAddedWhileRunning: a sidecar whose reloaded
+// configuration protects a group it did not name joins it without a
+// restart and seals for it, while keeping the groups it had.
+func TestKeyClientJoinsAGroupAddedWhileRunning(t *testing.T) {
+	f := newFleet(t, "update", []string{"a"})
+	opts := f.KSOpts
+	extra := opts.Groups[0]
+	extra.Name, extra.Topics = "extra", []string{"extra/#"}
+	opts.Groups = append(opts.Groups, extra)
+	must(t, f.KS.Reload(opts))
+	a := f.join("a")
+	if _, err := a.Ring.Sealer("extra"); err == nil {
+		t.Fatal("sealing for a group the sidecar never joined")
+	}
+	a.Keys.AddGroups("extra")
+	waitFor(t, func() bool { _, err := a.Ring.Sealer("extra"); return err == nil }, "a seals for the added group")
+	st := a.Keys.Status()
+	if len(st) != 2 || !st[0].Joined || !st[1].Joined || st[1].Group != "extra" {
+		t.Fatalf("status after adding a group: %+v", st)
+	}
+	if name, ok := a.Keys.GroupName(gkd.GroupID(f.Server.Public().RawID(), "extra")); !ok || name != "extra" {
+		t.Fatalf("GroupName of the added group: %q, %t", name, ok)
 	}
 }

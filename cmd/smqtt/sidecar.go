@@ -81,7 +81,7 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	s := <-sig
 	for ; s == syscall.SIGHUP; s = <-sig {
-		if err := reloadSidecar(cfgPath, cfg, sc, opts); err != nil {
+		if err := reloadSidecar(cfgPath, cfg, sc, opts, kc); err != nil {
 			log.Error("reload refused; keeping the running configuration", "error", oneLine(err))
 			continue
 		}
@@ -103,8 +103,9 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 }
 
 // reloadSidecar applies a changed configuration's protect rules, unmatched
-// policy and new static keys; anything else needs a restart and is refused.
-func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts proxy.Options) error {
+// policy and new static keys, and joins the key-server groups that new rules
+// name; anything else needs a restart and is refused.
+func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts proxy.Options, kc *keyclient.Client) error {
 	f, err := config.Load(path)
 	if err != nil {
 		return err
@@ -129,11 +130,30 @@ func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts
 			return err
 		}
 	}
+	if kc != nil {
+		// Joined before the rules change, so that the key server's policy
+		// names the new groups as the rules do.
+		kc.AddGroups(keyServerGroups(cfg)...)
+	}
 	var rules []proxy.Rule
 	for _, r := range cfg.Protect {
 		rules = append(rules, proxy.Rule{Filters: r.Topics, Group: r.Group})
 	}
 	return sc.SetRules(rules, cfg.Unmatched == config.UnmatchedDeny)
+}
+
+// keyServerGroups returns the groups of the protect rules that have no
+// static key: their keys come from the key server.
+func keyServerGroups(cfg *config.Sidecar) []string {
+	var groups []string
+	seen := map[string]bool{}
+	for _, r := range cfg.Protect {
+		if _, static := cfg.StaticKeys[r.Group]; !static && !seen[r.Group] {
+			seen[r.Group] = true
+			groups = append(groups, r.Group)
+		}
+	}
+	return groups
 }
 
 // sidecarOptions turns a validated sidecar config into proxy options.
@@ -235,22 +255,12 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 	if err != nil {
 		return nil, fmt.Errorf("sidecar.keyserver.public_key: %w", err)
 	}
-	var groups []string
-	seen := map[string]bool{}
-	for _, r := range cfg.Protect {
-		if _, static := cfg.StaticKeys[r.Group]; !static && !seen[r.Group] {
-			seen[r.Group] = true
-			groups = append(groups, r.Group)
-		}
-	}
-	names := map[[8]byte]string{}
-	for _, g := range groups {
-		names[gkd.GroupID(serverKey.RawID(), g)] = g
-	}
+	groups := keyServerGroups(cfg)
+	var kc *keyclient.Client
 	up := opts.Upstream
 	up.ClientID += "-keys"
 	firstPolicy := make(chan error, 1)
-	kc, err := keyclient.NewClient(keyclient.ClientOptions{
+	kc, err = keyclient.NewClient(keyclient.ClientOptions{
 		Identity:          id,
 		Server:            serverKey,
 		Upstream:          up,
@@ -261,7 +271,7 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 		Logger:            log,
 		PolicyVersionFile: filepath.Join(cfg.DataDir, "policy-version"),
 		OnPolicy: func(p gkd.Policy) {
-			err := sc.SetServerPolicy(policyRules(p, names))
+			err := sc.SetServerPolicy(policyRules(p, kc.GroupName))
 			if err != nil {
 				log.Error("the key server's topic policy conflicts with the local protect rules (its filters are protected all the same)", "error", err)
 			} else {
@@ -316,10 +326,10 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 
 // policyRules turns the key server's policy into sidecar rules; groups this
 // sidecar does not belong to get a name no local group can have.
-func policyRules(p gkd.Policy, names map[[8]byte]string) []proxy.Rule {
+func policyRules(p gkd.Policy, lookup func(id [8]byte) (string, bool)) []proxy.Rule {
 	var rules []proxy.Rule
 	for _, e := range p.Entries {
-		name, ok := names[e.Group]
+		name, ok := lookup(e.Group)
 		if !ok {
 			name = fmt.Sprintf("#%x", e.Group)
 		}
