@@ -436,6 +436,7 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 	if !r.ActivateAt.IsZero() {
 		c.activateAtLocked(st, group, r.Epoch, r.ActivateAt)
 	}
+	c.retireSupersededLocked(st, group, r.Epoch)
 	st.joined, st.refused = true, ""
 	st.counter, st.epoch, st.sender = r.Counter, r.Epoch, r.Sender
 	st.lkh, st.rekeyCounter = lkh, 0
@@ -517,6 +518,24 @@ func (c *Client) onRekey(msg *gkd.Message) {
 	}
 	c.freshLocked(st, group)
 	c.log.Info("rekeyed", "group", group, "epoch", r.Epoch, "activate_at", r.ActivateAt)
+}
+
+// retireSupersededLocked bounds the life of the epochs a join response
+// supersedes. A member that rejoins to catch up (it missed a rekey, or an
+// lkh rekey's gap) never got that rekey's prev_open_until, and the rekey may
+// have been a revocation: the older epochs it holds are retired after
+// max_staleness (long enough to read what the broker queued under them), so
+// that a revoked member cannot go on injecting under them.
+func (c *Client) retireSupersededLocked(st *groupState, group string, current uint32) {
+	ring := c.opts.Ring
+	for _, e := range ring.Epochs(group) {
+		if e == current {
+			continue
+		}
+		ring.SetSendUntil(group, e, time.Now())
+		c.log.Info("an epoch superseded by a join is retired after max_staleness", "group", group, "epoch", e, "current", current, "after", c.opts.MaxStaleness)
+		st.timers = append(st.timers, time.AfterFunc(c.opts.MaxStaleness, func() { ring.Retire(group, e) }))
+	}
 }
 
 // lkhMember builds an lkh member from the path keys of a join response,

@@ -111,6 +111,17 @@ func (r *Ring) Activate(group string, epoch uint32) error {
 	return nil
 }
 
+// Epochs returns the epochs of a group the ring holds keys for.
+func (r *Ring) Epochs(group string) []uint32 {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]uint32, 0, len(r.keys[group]))
+	for e := range r.keys[group] {
+		out = append(out, e)
+	}
+	return out
+}
+
 // SendEpoch returns the epoch the ring seals a group with, if any.
 func (r *Ring) SendEpoch(group string) (uint32, bool) {
 	r.mu.RLock()

@@ -30,16 +30,16 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// slottedClient is a key client with no connection, a key server identity
+// testClient is a key client with no connection, a key server identity
 // to answer it, and its log.
-type slottedClient struct {
+type testClient struct {
 	c      *Client
 	server *gkd.Identity
 	me     *gkd.Identity
 	log    *syncBuffer
 }
 
-func newSlottedClient(t *testing.T) *slottedClient {
+func newTestClient(t *testing.T) *testClient {
 	t.Helper()
 	server, err := gkd.GenerateIdentity(gkd.SuiteX25519)
 	if err != nil {
@@ -59,20 +59,14 @@ func newSlottedClient(t *testing.T) *slottedClient {
 	}
 	t.Cleanup(c.Abandon)
 	close(c.done) // never started: Abandon must not wait for a run loop
-	return &slottedClient{c: c, server: server, me: me, log: log}
+	return &testClient{c: c, server: server, me: me, log: log}
 }
 
 // answer sends the client a join response for its outstanding request,
 // stamped with the key server's clock serverNow and granting slots first to
 // last of 1 s slots from origin.
-func (s *slottedClient) answer(t *testing.T, serverNow, origin time.Time, first, last uint64, k2 [32]byte) {
+func (s *testClient) answer(t *testing.T, serverNow, origin time.Time, first, last uint64, k2 [32]byte) {
 	t.Helper()
-	var nonce [16]byte
-	s.c.mu.Lock()
-	for n := range s.c.joins {
-		nonce = n
-	}
-	s.c.mu.Unlock()
 	covers, err := gkd.SlotCovers(16, first, last, func(uint32) ([32]byte, error) { return [32]byte{7}, nil })
 	if err != nil {
 		t.Fatal(err)
@@ -81,10 +75,20 @@ func (s *slottedClient) answer(t *testing.T, serverNow, origin time.Time, first,
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, err := gkd.JoinResponse{
-		Group: gkd.GroupID(s.server.Public().RawID(), "g"), RequestNonce: nonce, Scheme: gkd.SchemeSlotted,
-		Epoch: 1, Sender: 9, Key: k2, Counter: 1, Ext: ext,
-	}.MarshalBinary()
+	s.respond(t, serverNow, gkd.JoinResponse{Scheme: gkd.SchemeSlotted, Epoch: 1, Sender: 9, Key: k2, Counter: 1, Ext: ext})
+}
+
+// respond sends the client r, sealed and signed by the key server, as the
+// answer to its outstanding join request, with the header time serverNow.
+func (s *testClient) respond(t *testing.T, serverNow time.Time, r gkd.JoinResponse) {
+	t.Helper()
+	s.c.mu.Lock()
+	for n := range s.c.joins {
+		r.RequestNonce = n
+	}
+	s.c.mu.Unlock()
+	r.Group = gkd.GroupID(s.server.Public().RawID(), "g")
+	body, err := r.MarshalBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,11 +105,18 @@ func (s *slottedClient) answer(t *testing.T, serverNow, origin time.Time, first,
 	s.c.onMessage(msg)
 }
 
+// answerUpdate answers the outstanding join of an update group with epoch
+// and key.
+func (s *testClient) answerUpdate(t *testing.T, epoch uint32, key [32]byte) {
+	t.Helper()
+	s.respond(t, time.Now(), gkd.JoinResponse{Scheme: gkd.SchemeUpdate, Epoch: epoch, Sender: uint64(epoch), Key: key, Counter: uint64(epoch)})
+}
+
 // A member whose clock is an hour behind the key server's seals under the
 // server's current slot: it takes the server's time from the join response
 // (corrected by half the round trip), not its own.
 func TestSlottedClientFollowsTheKeyServersClock(t *testing.T) {
-	s := newSlottedClient(t)
+	s := newTestClient(t)
 	s.c.join("g")
 	serverNow := time.Now().Add(time.Hour)
 	origin := serverNow.Add(-10*time.Second - 500*time.Millisecond).Truncate(time.Millisecond) // server is in slot 10
@@ -132,7 +143,7 @@ func TestSlottedClientFollowsTheKeyServersClock(t *testing.T) {
 // nothing is installed (fail closed), the request stays outstanding for a
 // retry, and the log says why.
 func TestSlottedClientRefusesAnUncertainTimeSample(t *testing.T) {
-	s := newSlottedClient(t)
+	s := newTestClient(t)
 	s.c.join("g")
 	s.c.mu.Lock()
 	for n := range s.c.sentAt {
@@ -155,7 +166,7 @@ func TestSlottedClientRefusesAnUncertainTimeSample(t *testing.T) {
 // A message for a slot outside the window is explained in the log: its
 // slot, the current slot and what is accepted.
 func TestSlottedClientLogsMessagesOutsideItsWindow(t *testing.T) {
-	s := newSlottedClient(t)
+	s := newTestClient(t)
 	s.c.join("g")
 	now := time.Now()
 	s.answer(t, now, now.Add(-5*time.Second-500*time.Millisecond).Truncate(time.Millisecond), 5, 200, [32]byte{1})
@@ -167,5 +178,36 @@ func TestSlottedClientLogsMessagesOutsideItsWindow(t *testing.T) {
 		if !strings.Contains(log, want) {
 			t.Fatalf("log lacks %q:\n%s", want, log)
 		}
+	}
+}
+
+// A member that rejoins to catch up on a rekey it missed (which may have
+// been a revocation) keeps the superseded epoch only for max_staleness, not
+// until it restarts: a revoked member cannot inject under it for long.
+func TestCatchUpJoinRetiresTheSupersededEpoch(t *testing.T) {
+	s := newTestClient(t)
+	s.c.opts.MaxStaleness = 300 * time.Millisecond
+	s.c.join("g")
+	s.answerUpdate(t, 1, [32]byte{1})
+	s.c.join("g") // a heartbeat named epoch 2: catch up
+	s.answerUpdate(t, 2, [32]byte{2})
+	if e, _ := s.c.opts.Ring.SendEpoch("g"); e != 2 {
+		t.Fatalf("seals under epoch %d after the catch-up join, want 2", e)
+	}
+	if _, ok := s.c.opts.Ring.GroupKey("g", 1); !ok {
+		t.Fatal("epoch 1 retired at once: what the broker queued under it could not be read")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, ok := s.c.opts.Ring.GroupKey("g", 1); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the superseded epoch 1 is still open long after max_staleness")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, ok := s.c.opts.Ring.GroupKey("g", 2); !ok {
+		t.Fatal("the current epoch was retired")
 	}
 }
