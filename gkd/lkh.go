@@ -899,6 +899,9 @@ func (t *LKHTree) UnmarshalBinary(b []byte) error {
 	if r.err == nil && count > leaves {
 		r.fail("%d members for %d leaves", count, leaves)
 	}
+	if r.err != nil {
+		return r.err // before sizing anything by count
+	}
 	leafOf := make(map[string]uint32, count)
 	names := make([]string, leaves)
 	next := uint32(0) // the lowest leaf the next member may take

@@ -2,6 +2,7 @@ package gkd
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -894,4 +895,26 @@ func benchLKHLeave(b *testing.B, d, n int) {
 	b.ReportMetric(float64(size)/float64(b.N), "bytes/leave")
 	b.ReportMetric(float64(joinWraps)/float64(b.N), "wraps/join")
 	b.ReportMetric(float64(d*ceilLog(d, n)), "bound")
+}
+
+// A tree encoding that claims more members than leaves is refused before
+// anything is sized by the claim (a 486-byte input once made the decoder
+// allocate a map for 1.3 billion members: FuzzLKHUnmarshal's corpus keeps it).
+func TestLKHUnmarshalRefusesAMemberCountBeyondItsLeaves(t *testing.T) {
+	tree := NewLKHTree(3, nil)
+	if _, err := tree.Rekey(memberNames("m", 7), nil); err != nil {
+		t.Fatal(err)
+	}
+	b, err := tree.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := 1 + 2 + 4 + 1 + 4 // the member count follows the nodes
+	for _, lvl := range tree.levels {
+		off += len(lvl) * (4 + GroupKeySize)
+	}
+	binary.BigEndian.PutUint32(b[off:], 0x4e934e1d)
+	if err := new(LKHTree).UnmarshalBinary(b); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("error %v, want ErrMalformed", err)
+	}
 }
