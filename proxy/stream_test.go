@@ -4,11 +4,13 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/smqtt/smqtt/envelope"
 	"github.com/smqtt/smqtt/internal/faultnet"
 	"github.com/smqtt/smqtt/internal/mosquitto"
 	"github.com/smqtt/smqtt/proxy"
@@ -17,7 +19,9 @@ import (
 // streamThroughFaults sends n QoS 1 messages from an app on sidecar A to an
 // app on sidecar B while the sidecars' upstream connections are cut, twice,
 // and the upstream broker restarts (with persistence) in between, and checks
-// that every message arrives exactly once and in order.
+// that every message arrives exactly once and in order, that a witness on
+// the broker sees only envelopes, and how long each fault took to recover
+// from.
 func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos byte, restarts int) {
 	r := newRig(t, up)
 	relayA, err := faultnet.New(upAddr)
@@ -33,6 +37,8 @@ func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos by
 	b := r.sidecar(uniq("stream-b"), "", via(relayB))
 	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
 	must(t, sub.Subscribe("secure/stream", qos))
+	witness := wireWitness(t, up, "secure/stream")
+	faultAt := map[int]time.Time{} // message number -> when the fault after it began
 
 	restart := func() { must(t, up.Restart()); t.Log("upstream restarted") }
 	faults := map[int]func(){
@@ -52,6 +58,7 @@ func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos by
 	for i := 1; i <= n; i++ {
 		toks = append(toks, pub.Client.Publish("secure/stream", qos, false, []byte(strconv.Itoa(i))))
 		if f := faults[i]; f != nil {
+			faultAt[i] = time.Now()
 			f()
 		}
 	}
@@ -61,6 +68,7 @@ func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos by
 		}
 	}
 	var got []int
+	arrived := map[int]time.Time{}
 	deadline := time.After(60 * time.Second)
 	for len(got) < n {
 		select {
@@ -70,6 +78,9 @@ func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos by
 				t.Fatalf("garbled payload %q", m.Payload)
 			}
 			got = append(got, v)
+			if _, seen := arrived[v]; !seen {
+				arrived[v] = m.At
+			}
 		case <-deadline:
 			t.Fatalf("only %d of %d messages arrived; sidecar A queue holds %d; drops at B %v, messages A %v B %v; %s", len(got), n, a.QueueLen(), b.DropCounts(), a.MessageCounts(), b.MessageCounts(), orderReport(got))
 		}
@@ -79,6 +90,52 @@ func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos by
 	}
 	expectNone(t, sub, time.Second)
 	t.Logf("%d messages, none lost, none duplicated, in order; drops at B: %s", n, dropSummary(b))
+	// Recovery: from a fault to the arrival of the first message published
+	// after it.
+	var worst time.Duration
+	for i, at := range faultAt {
+		if d := arrived[i+1].Sub(at); d > worst {
+			worst = d
+		}
+	}
+	t.Logf("%d faults; slowest recovery (fault → next message delivered) %v", len(faultAt), worst.Round(time.Millisecond))
+	if seen := witness(); seen == 0 {
+		t.Error("the witness on the broker saw nothing of the stream")
+	} else {
+		t.Logf("the witness on the broker saw %d envelopes on secure/stream and no plaintext", seen)
+	}
+}
+
+// wireWitness subscribes directly on the upstream broker to topic and fails
+// the test if any payload it sees there is not an envelope (plaintext on the
+// wire); the returned func says how many it saw. It reconnects across the
+// broker's restarts and may miss messages meanwhile.
+func wireWitness(t *testing.T, up upstream, topic string) func() int {
+	t.Helper()
+	var mu sync.Mutex
+	seen := 0
+	o := paho.NewClientOptions().AddBroker(up.URL()).SetClientID(uniq("witness")).
+		SetAutoReconnect(true).SetMaxReconnectInterval(200 * time.Millisecond).
+		SetOnConnectHandler(func(c paho.Client) {
+			c.Subscribe(topic, 0, func(_ paho.Client, m paho.Message) {
+				if _, err := envelope.ParseHeader(m.Payload()); err != nil {
+					t.Errorf("plaintext on the wire: %q is not an envelope (%v)", m.Payload(), err)
+				}
+				mu.Lock()
+				seen++
+				mu.Unlock()
+			})
+		})
+	c := paho.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("witness: %v", tok.Error())
+	}
+	t.Cleanup(func() { c.Disconnect(0) })
+	return func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return seen
+	}
 }
 
 // orderReport describes how got differs from 1, 2, 3, ...: "" when it does
@@ -141,22 +198,29 @@ func TestStreamThroughPartitionMosquitto(t *testing.T) {
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
 	must(t, sub.Subscribe("secure/partition", 1))
+	witness := wireWitness(t, m, "secure/partition")
 	const n = 3000
+	resumed := map[int]time.Time{}
 	for i := 1; i <= n; i++ {
 		pub.Client.Publish("secure/partition", 1, false, []byte(strconv.Itoa(i)))
 		if i == n/3 || i == 2*n/3 {
 			must(t, m.Pause())
 			time.Sleep(3 * time.Second)
 			must(t, m.Resume())
+			resumed[i] = time.Now()
 		}
 	}
 	var got []int
+	arrived := map[int]time.Time{}
 	deadline := time.After(60 * time.Second)
 	for len(got) < n {
 		select {
 		case msg := <-sub.Inbox:
 			v, _ := strconv.Atoi(string(msg.Payload))
 			got = append(got, v)
+			if _, seen := arrived[v]; !seen {
+				arrived[v] = msg.At
+			}
 		case <-deadline:
 			t.Fatalf("only %d of %d arrived; %s", len(got), n, orderReport(got))
 		}
@@ -165,6 +229,12 @@ func TestStreamThroughPartitionMosquitto(t *testing.T) {
 		t.Fatal(r)
 	}
 	expectNone(t, sub, 300*time.Millisecond)
+	for i, at := range resumed {
+		t.Logf("partition after message %d: next message delivered %v after the broker resumed", i, arrived[i+1].Sub(at).Round(time.Millisecond))
+	}
+	if witness() == 0 {
+		t.Error("the witness on the broker saw nothing of the stream")
+	}
 }
 
 func TestStreamThroughCutsAndRestartMosquitto(t *testing.T) {

@@ -15,6 +15,7 @@ type Msg struct {
 	Payload []byte
 	QoS     byte
 	Retain  bool
+	At      time.Time // when it arrived
 }
 
 // App is a legacy MQTT 3.1.1 application: it knows nothing of smqtt.
@@ -48,7 +49,7 @@ func Connect(url, clientID string, o AppOptions) (*App, error) {
 		SetOrderMatters(true).
 		SetConnectTimeout(5 * time.Second).
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
-			a.Inbox <- Msg{Topic: m.Topic(), Payload: append([]byte(nil), m.Payload()...), QoS: m.Qos(), Retain: m.Retained()}
+			a.Inbox <- Msg{Topic: m.Topic(), Payload: append([]byte(nil), m.Payload()...), QoS: m.Qos(), Retain: m.Retained(), At: time.Now()}
 		})
 	a.Client = paho.NewClient(opts)
 	tok := a.Client.Connect()
