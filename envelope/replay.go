@@ -126,7 +126,11 @@ func (w *ReplayWindow) AppendBinary(b []byte) ([]byte, error) {
 	}
 	lo := w.lowest()
 	n := w.highest - lo + 1 // bits in the bitmap
-	for i := uint64(0); i < n; i += 8 {
+	i := uint64(0)
+	for ; n-i >= 64; i += 64 { // whole 64-bit runs, least significant byte first
+		b = binary.LittleEndian.AppendUint64(b, w.bits64(lo+i))
+	}
+	for ; i < n; i += 8 {
 		v := w.bits8(lo + i)
 		if rest := n - i; rest < 8 {
 			v &= byte(1)<<rest - 1
@@ -134,6 +138,18 @@ func (w *ReplayWindow) AppendBinary(b []byte) ([]byte, error) {
 		b = append(b, v)
 	}
 	return b, nil
+}
+
+// bits64 returns the 64 bits for sequence numbers seq to seq+63, seq's in
+// the least significant bit.
+func (w *ReplayWindow) bits64(seq uint64) uint64 {
+	off := seq % windowBlockBits
+	blk := seq / windowBlockBits
+	v := w.ring[blk%windowBlocks] >> off
+	if off > 0 {
+		v |= w.ring[(blk+1)%windowBlocks] << (windowBlockBits - off)
+	}
+	return v
 }
 
 // UnmarshalBinary replaces the window with the one encoded in data by

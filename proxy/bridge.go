@@ -3,17 +3,18 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
-	"sort"
-	"strconv"
-	"strings"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
-	"github.com/eclipse/paho.mqtt.golang/packets"
+	"golang.org/x/net/proxy"
 
 	"github.com/smqtt/smqtt/internal/mqttconn"
 )
@@ -27,358 +28,661 @@ type UpstreamOptions = mqttconn.Options
 // replays that fell out of the window.
 const maxInflight = 1024
 
-// bridge is the upstream connection. Publishes of QoS 1/2 are stored, in
-// order, in paho's ordered memory store until upstream acknowledges them;
-// after a reconnect paho resends them in their original order with the DUP
-// flag. The store is wrapped (ackStore) because it is the one place that
-// sees an acknowledgement for sure: paho completes a publish token early,
-// without error, when it resends the message after a reconnect.
-type bridge struct {
-	log    *slog.Logger
-	client paho.Client
-	store  *ackStore
-	slots  chan struct{} // in-flight window
-
-	// ready is false from a connection loss until everything paho resends
-	// after the reconnect is acknowledged: new publishes wait, so they
-	// cannot overtake the resends (paho feeds both to the connection at
-	// once).
-	mu         sync.Mutex
-	cond       *sync.Cond
-	ready      bool
-	gen        uint64 // connection generation
-	publishing int    // calls into paho's Publish in progress
-}
-
-// writeTimeout bounds one packet write upstream, and so how long a Publish
-// call can stay blocked on a connection that died under it.
+// writeTimeout bounds one socket write upstream: a connection that takes no
+// byte for this long is cut (and its publishes resent on the next one).
 const writeTimeout = 5 * time.Second
 
+// connectRetryInterval is the wait after a failed connection attempt; it
+// doubles after each failure up to UpstreamOptions.Backoff().
+const connectRetryInterval = 250 * time.Millisecond
+
+// subscribeTimeout bounds the wait for a SUBACK or UNSUBACK.
+const subscribeTimeout = 10 * time.Second
+
+// bridge is the sidecar's MQTT 3.1.1 client on the upstream broker: one
+// connection with a persistent session (clean session 0), so upstream keeps
+// what it queued for the sidecar across cuts. It is written for the relay's
+// guarantees, with no goroutine between the socket and its callers:
+//
+//   - A QoS 1/2 publish is kept, encoded, from the moment publishQueued
+//     writes it until upstream acknowledges it (PUBACK; PUBCOMP for QoS 2);
+//     onAck then releases its queue record. After a reconnect every kept
+//     publish (or its PUBREL) is written again, in the order the publishes
+//     were first written, before any new publish: byte for byte the first
+//     packet but for the DUP flag.
+//   - At most maxInflight publishes are unacknowledged (publishQueued waits
+//     for room).
+//   - Upstream's publishes reach onMessage in the order they arrive, from
+//     the connection's reader; each one's PUBACK (PUBREC for QoS 2) is
+//     written only when the inbound worker calls Ack, once the message's
+//     replay state is stored. An Ack for a connection that is gone is
+//     dropped: upstream delivers the message again.
+type bridge struct {
+	opts      UpstreamOptions
+	url       *url.URL
+	urlErr    error
+	log       *slog.Logger
+	onAck     func(recordID uint64)
+	onConnect func()
+	onLost    func(error)
+	onMessage func(paho.Message)
+	slots     chan struct{} // in-flight window
+
+	// sendMu orders the writes of QoS 1/2 publishes: a connection's
+	// resends, then new publishes.
+	sendMu sync.Mutex
+
+	mu       sync.Mutex
+	cond     *sync.Cond    // conn or closing changed
+	conn     *session      // nil while disconnected, and while resending
+	inflight []*outPublish // unacknowledged, in the order first written
+	byID     map[uint16]*outPublish
+	waiting  map[uint16]chan byte // SUBACK/UNSUBACK return code by packet id
+	lastID   uint16
+	started  bool
+	closing  bool
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+// outPublish is one unacknowledged QoS 1/2 publish.
+type outPublish struct {
+	id     uint16
+	record uint64 // the outbound queue record it carries
+	qos    byte
+	rel    bool // QoS 2: PUBREC received, PUBREL is what to resend
+	dup    bool // written once: the DUP flag is set from now on
+	retain bool
+	topic  string
+	// payload is the queue record's (which stays unmodified until its Ack)
+	// or its re-sealed replacement: the PUBLISH is encoded again, the same
+	// bytes but for DUP, for every write.
+	payload []byte
+}
+
+// write encodes p's PUBLISH, or its PUBREL once upstream sent PUBREC, and
+// writes it to s.
+func (p *outPublish) write(s *session) error {
+	if p.rel {
+		return s.write(ackPacket(0x62, p.id))
+	}
+	buf := publishPool.Get().(*[]byte)
+	*buf = appendPublish((*buf)[:0], p.topic, p.qos, p.retain, p.id, p.payload)
+	if p.dup {
+		(*buf)[0] |= 0x08
+	}
+	err := s.write(*buf)
+	if cap(*buf) <= 64<<10 {
+		publishPool.Put(buf)
+	}
+	return err
+}
+
 func newBridge(opts UpstreamOptions, log *slog.Logger, onAck func(recordID uint64), onConnect func(), onLost func(error), onMessage func(paho.Message)) *bridge {
-	b := &bridge{log: log, slots: make(chan struct{}, maxInflight)}
+	b := &bridge{
+		opts: opts, log: log,
+		onAck: onAck, onConnect: onConnect, onLost: onLost, onMessage: onMessage,
+		slots:   make(chan struct{}, maxInflight),
+		byID:    make(map[uint16]*outPublish),
+		waiting: make(map[uint16]chan byte),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
 	b.cond = sync.NewCond(&b.mu)
-	b.store = newAckStore()
-	b.store.onAck = func(rid uint64) {
-		<-b.slots
-		onAck(rid)
-		b.mu.Lock()
-		b.cond.Broadcast()
-		b.mu.Unlock()
-	}
-	o := opts.Paho(opts.ClientID).
-		SetCleanSession(false). // upstream keeps what it queued for us across cuts
-		SetResumeSubs(false).   // the mirror re-subscribes everything on connect
-		SetAutoReconnect(true).
-		SetConnectRetry(true).
-		SetConnectRetryInterval(250 * time.Millisecond).
-		SetWriteTimeout(writeTimeout).
-		SetOrderMatters(true).
-		SetAutoAckDisabled(true). // acknowledge upstream only once the message's replay state is stored
-		SetStore(b.store).
-		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { onMessage(m) }).
-		// paho calls this synchronously before every connection attempt,
-		// before the connection is up and before it resends anything: the
-		// one place where new publishes can be stopped in time (the
-		// connection-lost and on-connect handlers run in goroutines of their
-		// own, in no fixed order).
-		//
-		// A Publish call that was blocked handing its packet to the dead
-		// connection would hand it to the new one ahead of the resends: the
-		// attempt waits for such calls to give up (writeTimeout); the
-		// packet is in the store and goes out again in its place.
-		SetConnectionAttemptHandler(func(_ *url.URL, tc *tls.Config) *tls.Config {
-			b.mu.Lock()
-			b.ready = false
-			b.gen++
-			for b.publishing > 0 {
-				b.cond.Wait()
-			}
-			b.mu.Unlock()
-			return tc
-		}).
-		SetOnConnectHandler(func(paho.Client) {
-			b.connectedAgain()
-			onConnect()
-		}).
-		SetConnectionLostHandler(func(_ paho.Client, err error) { onLost(err) })
-	if !proxyFromEnvironment() {
-		o.SetCustomOpenConnectionFn(dialUpstream) // buffered reads, batched writes (upstreamconn.go)
-	}
-	b.client = paho.NewClient(o)
+	b.url, b.urlErr = url.Parse(opts.URL)
 	return b
 }
 
-// connectedAgain waits until every publish that paho resends on this
-// connection is acknowledged, then lets new publishes through.
-func (b *bridge) connectedAgain() {
+// connect starts connecting in the background; the bridge keeps
+// reconnecting until disconnect.
+func (b *bridge) connect() {
 	b.mu.Lock()
-	gen := b.gen
-	b.mu.Unlock()
-	go func() {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		for b.gen == gen && b.store.inflight() > 0 {
-			b.cond.Wait()
-		}
-		if b.gen == gen {
-			b.ready = true
-			b.cond.Broadcast()
-		}
-	}()
+	defer b.mu.Unlock()
+	if !b.started && !b.closing {
+		b.started = true
+		go b.run()
+	}
 }
 
-func (b *bridge) donePublishing() {
+func (b *bridge) connected() bool {
 	b.mu.Lock()
-	b.publishing--
+	defer b.mu.Unlock()
+	return b.conn != nil
+}
+
+// disconnect sends DISCONNECT, closes the connection (handing what is
+// written to the socket, bounded), and stops reconnecting. Unacknowledged
+// publishes stay in the outbound queue for the next start.
+func (b *bridge) disconnect(quiesce time.Duration) {
+	b.mu.Lock()
+	if b.closing {
+		b.mu.Unlock()
+		return
+	}
+	b.closing = true
+	started, s := b.started, b.conn
+	b.conn = nil
 	b.cond.Broadcast()
 	b.mu.Unlock()
+	close(b.stop)
+	if s != nil {
+		_ = s.write(packetDisconnect)
+		s.conn.Close()
+	}
+	if started {
+		select {
+		case <-b.done:
+		case <-time.After(quiesce + closeFlushWait):
+		}
+	}
 }
 
-// waitReady blocks until new publishes may go out, or ctx ends, and then
-// counts the caller as publishing (donePublishing ends that).
-func (b *bridge) waitReady(ctx context.Context) error {
+// run connects, serves the connection until it fails, and reconnects.
+func (b *bridge) run() {
+	defer close(b.done)
+	wait := connectRetryInterval
+	for {
+		s, err := b.dial()
+		if err != nil {
+			b.log.Debug("upstream connection attempt failed", "url", b.redactedURL(), "error", err)
+			select {
+			case <-time.After(wait):
+			case <-b.stop:
+				return
+			}
+			wait = min(2*wait, b.opts.Backoff())
+			continue
+		}
+		wait = connectRetryInterval
+		if !b.resume(s) {
+			s.conn.Close()
+			return
+		}
+		b.onConnect()
+		go b.keepalive(s)
+		err = b.serve(s)
+		b.lost(s)
+		select {
+		case <-b.stop:
+			return
+		default:
+		}
+		b.onLost(err)
+	}
+}
+
+func (b *bridge) redactedURL() string {
+	if b.url == nil {
+		return ""
+	}
+	return b.url.Redacted()
+}
+
+// dial opens a connection and completes the CONNECT handshake.
+func (b *bridge) dial() (*session, error) {
+	if b.urlErr != nil {
+		return nil, fmt.Errorf("upstream URL %q: %w", b.opts.URL, b.urlErr)
+	}
+	po := b.opts.Paho(b.opts.ClientID) // the defaults the key client uses too
+	conn, err := dialBridge(b.url, po)
+	if err != nil {
+		return nil, err
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(po.ConnectTimeout))
+	if _, err := conn.Write(connectPacket(b.opts.ClientID, b.opts.Username, b.opts.Password, po.KeepAlive)); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("upstream %s: sending CONNECT: %w", b.redactedURL(), err)
+	}
+	var scratch []byte
+	hdr, body, err := readPacket(conn, &scratch, false)
+	if err == nil && (hdr != 0x20 || len(body) != 2) {
+		err = fmt.Errorf("%w: expected CONNACK, got packet type %#x of %d bytes", errProtocol, hdr, len(body))
+	}
+	if err == nil && body[1] != 0 {
+		err = fmt.Errorf("connection refused: %s", connackReason(body[1]))
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("upstream %s: %w", b.redactedURL(), err)
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	s := &session{conn: conn, done: make(chan struct{}), keepAlive: time.Duration(po.KeepAlive) * time.Second, pingTimeout: po.PingTimeout, topics: make(topicCache)}
+	s.lastSent.Store(time.Now().UnixNano())
+	return s, nil
+}
+
+// dialBridge dials u as paho would, through a proxy named by the
+// environment if there is one, and batches the connection.
+func dialBridge(u *url.URL, po *paho.ClientOptions) (net.Conn, error) {
+	if !proxyFromEnvironment() {
+		return dialUpstream(u, *po)
+	}
+	d := proxy.FromEnvironmentUsing(&net.Dialer{Timeout: 30 * time.Second})
+	switch u.Scheme {
+	case "mqtt", "tcp", "ssl", "tls", "mqtts", "mqtt+ssl", "tcps":
+	default:
+		return nil, fmt.Errorf("upstream %s: scheme %q cannot go through a proxy", u.Redacted(), u.Scheme)
+	}
+	conn, err := d.Dial("tcp", u.Host)
+	if err != nil {
+		return nil, err
+	}
+	if u.Scheme != "mqtt" && u.Scheme != "tcp" {
+		cfg := &tls.Config{}
+		if po.TLSConfig != nil {
+			cfg = po.TLSConfig.Clone()
+		}
+		if cfg.ServerName == "" {
+			cfg.ServerName = u.Hostname()
+		}
+		tc := tls.Client(conn, cfg)
+		if err := tc.Handshake(); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		conn = tc
+	}
+	return newBatchedConn(conn, upstreamReadBuffer, writeTimeout), nil
+}
+
+// resume writes every unacknowledged publish again, in order, on a new
+// connection and then makes it the bridge's. It reports false when the
+// bridge is closing.
+func (b *bridge) resume(s *session) bool {
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
 	b.mu.Lock()
-	if b.ready { // the common case: no wake-up on ctx to arrange
-		b.publishing++
+	if b.closing {
 		b.mu.Unlock()
-		return nil
+		return false
+	}
+	resend := slices.Clone(b.inflight)
+	for _, p := range resend {
+		p.dup = true
 	}
 	b.mu.Unlock()
+	for _, p := range resend {
+		b.mu.Lock() // a late PUBREC of the old connection may still land
+		q := *p
+		b.mu.Unlock()
+		if q.write(s) != nil {
+			break // the reader finds the connection broken
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing {
+		return false
+	}
+	b.conn = s
+	b.cond.Broadcast()
+	return true
+}
+
+// lost retires a connection that failed.
+func (b *bridge) lost(s *session) {
+	b.mu.Lock()
+	if b.conn == s {
+		b.conn = nil
+	}
+	for id, ch := range b.waiting {
+		close(ch)
+		delete(b.waiting, id)
+	}
+	b.cond.Broadcast()
+	b.mu.Unlock()
+	s.conn.Close()
+	close(s.done)
+}
+
+// serve reads the connection's packets until it fails.
+func (b *bridge) serve(s *session) error {
+	var scratch []byte
+	for {
+		hdr, body, err := readPacket(s.conn, &scratch, true)
+		if err != nil {
+			return err
+		}
+		s.pingSent.Store(0) // anything upstream sends shows it alive
+		if hdr>>4 == 3 {
+			m, err := parsePublish(hdr, body, s)
+			if err != nil {
+				return err
+			}
+			if m.qos == 0 {
+				m.s = nil // nothing to acknowledge
+			}
+			b.onMessage(m)
+			continue
+		}
+		if len(body) < 2 && hdr != 0xd0 {
+			return fmt.Errorf("%w: packet type %#x of %d bytes", errProtocol, hdr, len(body))
+		}
+		switch hdr {
+		case 0x40: // PUBACK
+			b.acked(packetID(body), 1)
+		case 0x50: // PUBREC
+			b.received(packetID(body))
+			if err := s.write(ackPacket(0x62, packetID(body))); err != nil {
+				return err
+			}
+		case 0x62: // PUBREL of an inbound QoS 2 message
+			if err := s.write(ackPacket(0x70, packetID(body))); err != nil {
+				return err
+			}
+		case 0x70: // PUBCOMP
+			b.acked(packetID(body), 2)
+		case 0x90: // SUBACK
+			rc := byte(0x80)
+			if len(body) > 2 {
+				rc = body[2]
+			}
+			b.answer(packetID(body), rc)
+		case 0xb0: // UNSUBACK
+			b.answer(packetID(body), 0)
+		case 0xd0: // PINGRESP
+		default:
+			return fmt.Errorf("%w: unexpected packet type %#x", errProtocol, hdr)
+		}
+	}
+}
+
+// acked releases the publish that upstream acknowledged.
+func (b *bridge) acked(id uint16, qos byte) {
+	b.mu.Lock()
+	p := b.byID[id]
+	if p == nil || p.qos != qos || qos == 2 && !p.rel {
+		b.mu.Unlock()
+		return
+	}
+	delete(b.byID, id)
+	if len(b.inflight) > 0 && b.inflight[0] == p { // acks mostly come in order
+		b.inflight[0] = nil
+		b.inflight = b.inflight[1:]
+	} else if i := slices.Index(b.inflight, p); i >= 0 {
+		b.inflight = slices.Delete(b.inflight, i, i+1)
+	}
+	b.mu.Unlock()
+	<-b.slots
+	b.onAck(p.record)
+}
+
+// received records a PUBREC: from now on the publish is resent as a PUBREL.
+func (b *bridge) received(id uint16) {
+	b.mu.Lock()
+	if p := b.byID[id]; p != nil && p.qos == 2 {
+		p.rel = true
+		p.topic, p.payload = "", nil
+	}
+	b.mu.Unlock()
+}
+
+func (b *bridge) answer(id uint16, rc byte) {
+	b.mu.Lock()
+	ch := b.waiting[id]
+	delete(b.waiting, id)
+	b.mu.Unlock()
+	if ch != nil {
+		ch <- rc
+	}
+}
+
+// nextIDLocked returns a packet id in use by nothing.
+func (b *bridge) nextIDLocked() uint16 {
+	for {
+		b.lastID++
+		if b.lastID == 0 {
+			continue
+		}
+		if _, used := b.byID[b.lastID]; used {
+			continue
+		}
+		if _, used := b.waiting[b.lastID]; used {
+			continue
+		}
+		return b.lastID
+	}
+}
+
+// keepalive sends a PINGREQ when nothing was written for the keep-alive
+// interval, and cuts a connection whose broker answers nothing within the
+// ping timeout.
+func (b *bridge) keepalive(s *session) {
+	if s.keepAlive <= 0 {
+		return
+	}
+	t := time.NewTicker(max(s.keepAlive/8, 10*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case now := <-t.C:
+			n := now.UnixNano()
+			if sent := s.pingSent.Load(); sent != 0 {
+				if time.Duration(n-sent) > s.pingTimeout {
+					b.log.Warn("upstream did not answer a ping; reconnecting", "url", b.redactedURL(), "timeout", s.pingTimeout)
+					s.conn.Close()
+					return
+				}
+				continue
+			}
+			if time.Duration(n-s.lastSent.Load()) >= s.keepAlive {
+				s.pingSent.Store(n)
+				_ = s.write(packetPingreq)
+			}
+		}
+	}
+}
+
+// lockSend waits until a connection is up and every resend on it is
+// written, and returns it with sendMu held.
+func (b *bridge) lockSend(ctx context.Context) (*session, error) {
+	b.sendMu.Lock()
+	b.mu.Lock()
+	s := b.conn
+	b.mu.Unlock()
+	if s != nil { // the common case: connected, no wait to arrange
+		return s, nil
+	}
+	b.sendMu.Unlock()
 	stop := context.AfterFunc(ctx, func() {
 		b.mu.Lock()
 		b.cond.Broadcast()
 		b.mu.Unlock()
 	})
 	defer stop()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for !b.ready {
-		if err := ctx.Err(); err != nil {
-			return err
+	for {
+		b.mu.Lock()
+		for b.conn == nil && !b.closing && ctx.Err() == nil {
+			b.cond.Wait()
 		}
-		b.cond.Wait()
+		s := b.conn
+		b.mu.Unlock()
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if s == nil {
+			return nil, errConnClosed
+		}
+		b.sendMu.Lock()
+		b.mu.Lock()
+		same := b.conn == s
+		b.mu.Unlock()
+		if same {
+			return s, nil
+		}
+		b.sendMu.Unlock() // lost or replaced meanwhile: wait again
 	}
-	b.publishing++
-	return nil
 }
 
-func (b *bridge) connect() {
-	b.client.Connect() // ConnectRetry: returns at once and keeps trying
-}
-
-func (b *bridge) connected() bool { return b.client.IsConnectionOpen() }
-
-func (b *bridge) disconnect(quiesce time.Duration) {
-	b.client.Disconnect(uint(quiesce / time.Millisecond))
-}
-
-// publishQueued hands one queued record to paho, waiting for a free
-// in-flight slot first. It returns once paho has stored the message (and will
-// send or resend it until upstream acknowledges it), or when ctx ends.
+// publishQueued hands one queued record upstream, waiting for a free
+// in-flight slot and for a connection first. It returns once the publish is
+// written and kept for resending until upstream acknowledges it, or when
+// ctx ends.
 //
-// reseal runs just before the message is handed to paho (after any wait for
+// reseal runs just before the message is first written (after any wait for
 // the connection): a message that waited past its epoch's send grace is
-// re-sealed then. Once handed over, it is resent byte for byte.
+// re-sealed then. From then on it is resent byte for byte.
 func (b *bridge) publishQueued(ctx context.Context, id uint64, topic string, qos byte, retain bool, payload []byte, reseal func([]byte) []byte) error {
 	select {
 	case b.slots <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	backoff := 10 * time.Millisecond
-	for {
-		if err := b.waitReady(ctx); err != nil {
-			<-b.slots
-			return err
-		}
-		b.store.expect(id)
-		tok := b.client.Publish(topic, qos, retain, reseal(payload))
-		b.donePublishing()
-		if b.store.taken() {
-			return nil
-		}
-		// paho refused before storing it (not connected yet, no packet id
-		// free): try again shortly, keeping the order.
-		err := tok.Error()
-		b.log.Debug("upstream publish not accepted yet", "topic", topic, "error", err)
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
-			<-b.slots
-			return ctx.Err()
-		}
-		if backoff < 500*time.Millisecond {
-			backoff *= 2
-		}
+	s, err := b.lockSend(ctx)
+	if err != nil {
+		<-b.slots
+		return err
 	}
+	defer b.sendMu.Unlock()
+	if qos == 0 { // not a queue's record, but keep the contract
+		qos = 1
+	}
+	p := &outPublish{record: id, qos: qos, retain: retain, topic: topic, payload: reseal(payload)}
+	b.mu.Lock()
+	p.id = b.nextIDLocked()
+	b.byID[p.id] = p
+	b.inflight = append(b.inflight, p)
+	q := *p // a PUBREC may change p once it is written
+	b.mu.Unlock()
+	// A failed write leaves the publish kept: it goes out again on the
+	// next connection.
+	_ = q.write(s)
+	return nil
 }
 
+// publishPool recycles the buffers QoS 0 publishes are encoded in: the
+// connection copies what it is given.
+var publishPool = sync.Pool{New: func() any { return new([]byte) }}
+
 // publishNow sends a QoS 0 message if upstream is connected and reports
-// whether it was handed to the connection.
+// whether it was handed to the connection. While a new connection's
+// resends are written it is not connected yet.
 func (b *bridge) publishNow(topic string, retain bool, payload []byte) bool {
 	b.mu.Lock()
-	if !b.ready || !b.client.IsConnectionOpen() {
-		b.mu.Unlock()
+	s := b.conn
+	b.mu.Unlock()
+	if s == nil {
 		return false
 	}
-	b.publishing++
-	b.mu.Unlock()
-	tok := b.client.Publish(topic, 0, retain, payload)
-	b.donePublishing()
-	select {
-	case <-tok.Done():
-		return tok.Error() == nil
-	default:
-		return true
+	buf := publishPool.Get().(*[]byte)
+	*buf = appendPublish((*buf)[:0], topic, 0, retain, 0, payload)
+	err := s.write(*buf)
+	if cap(*buf) <= 64<<10 {
+		publishPool.Put(buf)
 	}
+	return err == nil
 }
 
 // subscribe subscribes filter upstream and waits for the SUBACK. While
 // upstream is down it does nothing: every mirrored filter is subscribed
 // again on connect.
 func (b *bridge) subscribe(filter string, qos byte) error {
-	if !b.client.IsConnectionOpen() {
-		return nil
-	}
-	tok := b.client.Subscribe(filter, qos, nil)
-	if !tok.WaitTimeout(10 * time.Second) {
-		return fmt.Errorf("subscribe %q upstream: timed out", filter)
-	}
-	if err := tok.Error(); err != nil {
+	rc, err := b.request(subscribePacket, filter, qos)
+	switch {
+	case err != nil:
 		return fmt.Errorf("subscribe %q upstream: %w", filter, err)
-	}
-	if st, ok := tok.(*paho.SubscribeToken); ok {
-		if code, ok := st.Result()[filter]; ok && code == 0x80 {
-			return fmt.Errorf("subscribe %q upstream: refused by the broker", filter)
-		}
+	case rc == 0x80:
+		return fmt.Errorf("subscribe %q upstream: refused by the broker", filter)
 	}
 	return nil
 }
 
 func (b *bridge) unsubscribe(filter string) error {
-	if !b.client.IsConnectionOpen() {
-		return nil
-	}
-	tok := b.client.Unsubscribe(filter)
-	if !tok.WaitTimeout(10 * time.Second) {
-		return fmt.Errorf("unsubscribe %q upstream: timed out", filter)
-	}
-	return tok.Error()
-}
-
-// ackStore is paho's store for the upstream session: it keeps in-flight
-// packets in the order they were first stored (paho's own ordered store
-// sorts by timestamp, and ties reorder), and maps each stored outbound
-// publish's packet id to the outbound queue record it carries. paho deletes
-// the stored publish exactly when upstream acknowledged it (PUBACK for QoS 1,
-// PUBCOMP for QoS 2): that is when the queue may forget the record.
-type ackStore struct {
-	onAck func(recordID uint64)
-
-	mu      sync.Mutex
-	packets map[string]storedPacket
-	next    uint64
-	byMID   map[uint16]uint64
-	pending uint64 // record being handed to paho by publishQueued
-	took    bool
-}
-
-type storedPacket struct {
-	order uint64
-	p     packets.ControlPacket
-}
-
-func newAckStore() *ackStore {
-	return &ackStore{packets: make(map[string]storedPacket), byMID: make(map[uint16]uint64)}
-}
-
-func (s *ackStore) expect(id uint64) {
-	s.mu.Lock()
-	s.pending, s.took = id, false
-	s.mu.Unlock()
-}
-
-func (s *ackStore) taken() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	t := s.took
-	s.pending, s.took = 0, false
-	return t
-}
-
-func (s *ackStore) inflight() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.byMID)
-}
-
-func (s *ackStore) Open()  {}
-func (s *ackStore) Close() {}
-
-// Reset is only called for clean sessions, which the bridge never asks
-// for; the record mapping is kept so nothing is acknowledged that upstream
-// did not hold.
-func (s *ackStore) Reset() {
-	s.mu.Lock()
-	clear(s.packets)
-	s.mu.Unlock()
-}
-
-func (s *ackStore) All() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	keys := make([]string, 0, len(s.packets))
-	for k := range s.packets {
-		keys = append(keys, k)
-	}
-	sort.Slice(keys, func(i, j int) bool { return s.packets[keys[i]].order < s.packets[keys[j]].order })
-	return keys
-}
-
-func (s *ackStore) Get(key string) packets.ControlPacket {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if sp, ok := s.packets[key]; ok {
-		if p, ok := sp.p.(*packets.PublishPacket); ok {
-			// paho's resume sets Dup on what Get returns while its writer
-			// may still be sending the same PUBLISH (put into the store just
-			// before): hand out a copy so the two never share a header.
-			c := *p
-			return &c
-		}
-		return sp.p
+	if _, err := b.request(unsubscribePacket, filter, 0); err != nil {
+		return fmt.Errorf("unsubscribe %q upstream: %w", filter, err)
 	}
 	return nil
 }
 
-func (s *ackStore) Put(key string, m packets.ControlPacket) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if p, ok := m.(*packets.PublishPacket); ok && p.Qos > 0 && strings.HasPrefix(key, "o.") && s.pending != 0 && !s.took {
-		s.byMID[p.MessageID] = s.pending
-		s.took = true
+// request writes a SUBSCRIBE or UNSUBSCRIBE and waits for its answer.
+func (b *bridge) request(encode func(id uint16, filter string, qos byte) []byte, filter string, qos byte) (byte, error) {
+	b.mu.Lock()
+	s := b.conn
+	if s == nil {
+		b.mu.Unlock()
+		return 0, nil
 	}
-	if sp, ok := s.packets[key]; ok {
-		s.packets[key] = storedPacket{order: sp.order, p: m} // a PUBREL replacing its PUBLISH keeps its place
-		return
+	id := b.nextIDLocked()
+	ch := make(chan byte, 1)
+	b.waiting[id] = ch
+	b.mu.Unlock()
+	forget := func() {
+		b.mu.Lock()
+		if b.waiting[id] == ch {
+			delete(b.waiting, id)
+		}
+		b.mu.Unlock()
 	}
-	s.next++
-	s.packets[key] = storedPacket{order: s.next, p: m}
+	if err := s.write(encode(id, filter, qos)); err != nil {
+		forget()
+		return 0, err
+	}
+	t := time.NewTimer(subscribeTimeout)
+	defer t.Stop()
+	select {
+	case rc, ok := <-ch:
+		if !ok {
+			return 0, errors.New("connection lost before the broker answered")
+		}
+		return rc, nil
+	case <-t.C:
+		forget()
+		return 0, errors.New("timed out")
+	}
 }
 
-func (s *ackStore) Del(key string) {
-	s.mu.Lock()
-	delete(s.packets, key)
-	var rid uint64
-	var ok bool
-	if strings.HasPrefix(key, "o.") {
-		if mid, err := strconv.ParseUint(key[2:], 10, 16); err == nil {
-			rid, ok = s.byMID[uint16(mid)]
-			delete(s.byMID, uint16(mid))
-		}
+// session is one upstream connection.
+type session struct {
+	conn        net.Conn
+	done        chan struct{} // closed once the connection is retired
+	keepAlive   time.Duration
+	pingTimeout time.Duration
+	lastSent    atomic.Int64 // UnixNano of the last write
+	pingSent    atomic.Int64 // UnixNano of an unanswered PINGREQ, or 0
+	topics      topicCache   // the reader's
+}
+
+// write hands one whole packet to the connection (which copies it).
+func (s *session) write(pkt []byte) error {
+	_, err := s.conn.Write(pkt)
+	s.lastSent.Store(time.Now().UnixNano())
+	return err
+}
+
+// upstreamMessage is a PUBLISH from upstream. It implements paho.Message.
+type upstreamMessage struct {
+	topic   string
+	payload []byte
+	qos     byte
+	retain  bool
+	dup     bool
+	id      uint16
+	s       *session // where its acknowledgement goes; nil once sent
+	ackOnce atomic.Bool
+}
+
+func (m *upstreamMessage) Duplicate() bool   { return m.dup }
+func (m *upstreamMessage) Qos() byte         { return m.qos }
+func (m *upstreamMessage) Retained() bool    { return m.retain }
+func (m *upstreamMessage) Topic() string     { return m.topic }
+func (m *upstreamMessage) MessageID() uint16 { return m.id }
+func (m *upstreamMessage) Payload() []byte   { return m.payload }
+
+// Ack writes the message's PUBACK (QoS 1) or PUBREC (QoS 2) to the
+// connection it came on, once.
+func (m *upstreamMessage) Ack() {
+	if m.s == nil || m.ackOnce.Swap(true) {
+		return
 	}
-	s.mu.Unlock()
-	if ok {
-		s.onAck(rid)
+	typ := byte(0x40)
+	if m.qos == 2 {
+		typ = 0x50
+	}
+	select {
+	case <-m.s.done: // upstream delivers it again on the next connection
+	default:
+		_ = m.s.write(ackPacket(typ, m.id))
 	}
 }

@@ -9,12 +9,19 @@
 //     PUBLISH, SUBSCRIBE, UNSUBSCRIBE, Will and session expiry.
 //   - outbound.go: policy lookup, sealing under the group's current key, the
 //     durable outbound queue (QoS 1/2), and the pipelined sender to upstream.
-//   - bridge.go: the paho.mqtt.golang connection to upstream, its persistent
-//     session, ordered in-flight resends, and the acknowledgement store that
-//     tells the outbound queue when upstream holds a message.
+//   - bridge.go (bridgepackets.go, upstreamconn.go): the MQTT 3.1.1
+//     connection to upstream, its persistent session, ordered in-flight
+//     resends, and the acknowledgements that tell the outbound queue when
+//     upstream holds a message. It dials as paho.mqtt.golang does (its
+//     WebSocket dialer, TLS, proxies) but keeps the session itself: paho's
+//     client handed every upstream message through five goroutines, with a
+//     token, a timer and a store entry per message, resent in-flight
+//     messages in random order, and was a fifth of the relay's CPU
+//     (docs/PERFORMANCE.md). The key client and key server use paho's
+//     client, where none of that matters.
 //   - mirror.go: local subscriptions mirrored upstream with reference counts.
 //   - inbound.go: opening, replay check, durable replay state, retained
-//     register, and injection into the local broker.
+//     register; deliver.go: delivery to local subscribers.
 //
 // Local application publishes are never routed locally: they go upstream and
 // come back through the mirror like everyone else's, so a local subscriber

@@ -149,6 +149,9 @@ func e2eSuite(t *testing.T, up upstream, seen spy) {
 		topic := "open/retained/" + uniq("t") // no earlier subscription covers it: no live copy races the retained one
 		pub := r.app(a, uniq("pub"))
 		must(t, pub.Publish(topic, 1, true, []byte("plain retained")))
+		// The app's PUBACK comes once A has queued it; the late subscriber
+		// must come after upstream holds it, or it gets the message live.
+		waitFor(t, func() bool { return a.QueueLen() == 0 }, "upstream acknowledges the retained message")
 		late := r.app(b, uniq("late"))
 		must(t, late.Subscribe(topic, 1))
 		if m := expect(t, late, topic, "plain retained"); !m.Retain {

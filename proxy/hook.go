@@ -2,9 +2,7 @@ package proxy
 
 import (
 	"bytes"
-	"context"
 	"errors"
-	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -35,6 +33,8 @@ func (h *hook) Provides(b byte) bool {
 		mqtt.OnSubscribed,
 		mqtt.OnUnsubscribed,
 		mqtt.OnWill,
+		mqtt.OnSessionEstablished,
+		mqtt.OnDisconnect,
 		mqtt.OnClientExpired,
 		mqtt.OnPublishDropped,
 		mqtt.OnQosDropped,
@@ -75,6 +75,10 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return !excluded
 }
 
+// errSuccessIgnore is packets.CodeSuccessIgnore as an error, boxed once
+// rather than on every publish.
+var errSuccessIgnore error = packets.CodeSuccessIgnore
+
 // OnPublish sends a local application's publish upstream instead of routing
 // it locally; it comes back through the mirror to local subscribers.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
@@ -86,9 +90,12 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if err == nil {
 		err = sc.sendOutbound(sc.ctx, m)
 	}
+	if err == nil && m.qos > 0 {
+		err = sc.holdAcks(cl) // the acknowledgement waits for the queue's write
+	}
 	switch {
 	case err == nil:
-		return pk, packets.CodeSuccessIgnore // acknowledged; routed by upstream, not locally
+		return pk, errSuccessIgnore // acknowledged; routed by upstream, not locally
 	case cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0:
 		if errors.Is(err, errDenied) || errors.Is(err, errNoKey) {
 			return pk, packets.ErrNotAuthorized // a negative PUBACK/PUBREC
@@ -111,19 +118,24 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 }
 
 // OnWill relays a local client's Will upstream, protected like any publish,
-// and leaves the local broker a harmless stand-in to publish.
+// now or after its Will Delay Interval (will.go), and leaves the local
+// broker a harmless stand-in to publish.
 func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
-	sc := h.sc
-	m, err := sc.sealOutbound(will.TopicName, will.Qos, will.Retain, will.Payload)
-	if err == nil {
-		ctx, cancel := context.WithTimeout(sc.ctx, 5*time.Second)
-		err = sc.sendOutbound(ctx, m)
-		cancel()
-	}
-	if err != nil {
-		sc.log.Warn("local client's Will not relayed", "client", cl.ID, "topic", will.TopicName, "error", err)
-	}
+	h.sc.wills.will(cl, will)
+	// The sidecar keeps the delay; the local broker publishes its stand-in
+	// at once. (Its own delayed-Will path would also clear the client's
+	// Will without synchronisation, racing with a reconnect.)
+	cl.Properties.Will.WillDelayInterval = 0
 	return mqtt.Will{TopicName: relayedWillTopic, Payload: nil, Qos: 0}, nil
+}
+
+// OnSessionEstablished settles a delayed Will the client id left behind.
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	h.sc.wills.connected(cl, pk.Connect.Clean)
+}
+
+func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	h.sc.wills.disconnected(cl)
 }
 
 // OnSubscribe keeps the local broker from serving retained messages of its
@@ -179,6 +191,7 @@ func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // OnClientExpired: mochi drops an expired persistent session without
 // unsubscribing it, so the mirror lets go of its filters here.
 func (h *hook) OnClientExpired(cl *mqtt.Client) {
+	h.sc.wills.sessionEnded(cl.ID)
 	for filter := range cl.State.Subscriptions.GetAll() {
 		h.sc.server.Topics.Unsubscribe(filter, cl.ID)
 		h.sc.mirrorRemove(cl.ID, filter)

@@ -3,8 +3,8 @@ package proxy
 // Inbound: upstream delivers, and the message reaches local subscribers.
 //
 //  1. bridge.go hands every upstream PUBLISH to onUpstreamMessage, which
-//     queues it for the inbound worker (a full queue holds paho's router,
-//     which holds the upstream connection: backpressure, not loss).
+//     queues it for the inbound worker (a full queue holds the bridge's
+//     reader, which holds the upstream connection: backpressure, not loss).
 //  2. The worker takes a batch. Per message: policy lookup; unprotected
 //     topics pass as they are. Protected: open the envelope (version, epoch
 //     key, per-sender subkey, AEAD over header, group and topic). Anything
@@ -13,8 +13,8 @@ package proxy
 //     A retained delivery (a stored value upstream replays on subscribe, or a
 //     re-sealed one) goes through the topic's retained register instead.
 //  4. One bbolt transaction stores the batch's window and register changes.
-//  5. Deliver to the local broker (never forwarded upstream again), then
-//     acknowledge upstream.
+//  5. Deliver to the local subscribers (deliver.go; never forwarded
+//     upstream again), then acknowledge upstream.
 
 import (
 	"context"
@@ -36,7 +36,17 @@ type delivery struct {
 	payload []byte
 	qos     byte
 	action  deliveryAction
-	valueID string // protected: the sealed value's (epoch, sender, seq)
+	valueID string         // names the value for the retained path (valueID, payloadID)
+	sealed  bool           // protected: triple names the value
+	triple  retainedTriple // the sealed value's (epoch, sender, seq)
+}
+
+// id names the delivery's value (see pendingRetained.claimLive).
+func (d *delivery) id() string {
+	if d.valueID == "" && d.sealed {
+		d.valueID = valueID(d.triple)
+	}
+	return d.valueID
 }
 
 type deliveryAction int
@@ -121,7 +131,7 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 	}
 	d.payload = plain
 	triple := retainedTriple{Epoch: h.Epoch, Sender: h.Sender, Seq: h.Seq}
-	d.valueID = valueID(triple)
+	d.sealed, d.triple = true, triple
 	if h.Flags.Retain() && (m.Retained() || h.Flags.Reseal()) {
 		// A stored retained value (or one re-sealed under a new epoch):
 		// it bypasses the sliding window and goes through the register.
@@ -153,20 +163,9 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 func (sc *Sidecar) deliver(d *delivery) {
 	switch d.action {
 	case actPublish:
-		if had := sc.pendingRetained.claimLive(d.topic, d.valueID, d.payload); had != nil {
-			sc.excludeMu.Lock()
-			sc.exclude, sc.excludeTopic = had, d.topic
-			sc.excludeMu.Unlock()
-			defer func() {
-				sc.excludeMu.Lock()
-				sc.exclude, sc.excludeTopic = nil, ""
-				sc.excludeMu.Unlock()
-			}()
-		}
-		if err := sc.server.Publish(d.topic, d.payload, false, d.qos); err != nil {
-			sc.log.Error("local delivery failed", "topic", d.topic, "error", err)
-		}
+		had := sc.pendingRetained.claimLive(d.topic, d.id, d.payload)
+		sc.deliverLive(d.topic, d.payload, d.qos, had) // deliver.go
 	case actRetained:
-		sc.deliverRetained(d.topic, d.valueID, d.payload, d.qos)
+		sc.deliverRetained(d.topic, d.id(), d.payload, d.qos)
 	}
 }

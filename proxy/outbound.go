@@ -8,18 +8,22 @@ package proxy
 //  3. Seal under the group's current key (fail closed: no key, no send).
 //  4. QoS 0: straight to upstream if it is connected, else dropped and
 //     counted. QoS 1/2: appended to the durable outbound queue; the
-//     application's PUBACK/PUBREC goes out once Append returns, and a full
-//     queue makes Append wait, which holds the application's connection
-//     (backpressure) instead of dropping.
+//     application's PUBACK/PUBREC reaches its socket only after the queue
+//     wrote the record (the queue writes behind, many records per system
+//     call: holdAcks), and a full queue makes Append wait, which holds the
+//     application's connection (backpressure) instead of dropping.
 //  5. The sender goroutine takes queued records in order and hands them to
-//     the bridge with a bounded in-flight window; the bridge's ack store
-//     releases each record when upstream acknowledges it.
+//     the bridge with a bounded in-flight window; the bridge releases each
+//     record when upstream acknowledges it.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
 
 	"github.com/smqtt/smqtt/envelope"
 	"github.com/smqtt/smqtt/proxy/queue"
@@ -38,6 +42,7 @@ type outboundMessage struct {
 	retain    bool
 	payload   []byte // sealed when protected
 	protected bool
+	sealed    *[]byte // payload's buffer from sealedPool, when protected
 }
 
 // sealOutbound applies the policy to one local publish.
@@ -64,13 +69,30 @@ func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []b
 	if retain {
 		flags |= envelope.FlagRetain
 	}
-	sealed, _, err := sealer.Seal(make([]byte, 0, len(payload)+envelope.Overhead), topic, flags, payload)
+	buf := sealedPool.Get().(*[]byte)
+	sealed, _, err := sealer.Seal((*buf)[:0], topic, flags, payload)
 	if err != nil {
+		sealedPool.Put(buf)
 		sc.metrics.drop("out", DropNoKey)
 		return m, fmt.Errorf("seal %q: %w", topic, err)
 	}
-	m.payload, m.protected = sealed, true
+	*buf = sealed
+	m.payload, m.protected, m.sealed = sealed, true, buf
 	return m, nil
+}
+
+// sealedPool recycles the buffers messages are sealed into: the queue and
+// the upstream connection copy what they are given, so sendOutbound hands
+// the buffer back.
+var sealedPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// release hands m's sealed buffer back to the pool; m.payload is not to be
+// used after it.
+func (m *outboundMessage) release() {
+	if m.sealed != nil && cap(*m.sealed) <= 64<<10 {
+		sealedPool.Put(m.sealed)
+	}
+	m.sealed, m.payload = nil, nil
 }
 
 // waitSealer waits, bounded by NoKeyWait, for a group key to seal with (a
@@ -91,8 +113,11 @@ func (sc *Sidecar) waitSealer(group string) (*envelope.Sealer, error) {
 }
 
 // sendOutbound queues or sends one sealed message; it blocks while the
-// outbound queue is full (backpressure on the publishing application).
+// outbound queue is full (backpressure on the publishing application). The
+// queue and the connection copy m's payload: its sealed buffer is reused
+// once sendOutbound returns.
 func (sc *Sidecar) sendOutbound(ctx context.Context, m outboundMessage) error {
+	defer m.release()
 	if m.qos == 0 {
 		if !sc.bridge.publishNow(m.topic, m.retain, m.payload) {
 			sc.metrics.drop("out", DropOffline)
@@ -108,6 +133,25 @@ func (sc *Sidecar) sendOutbound(ctx context.Context, m outboundMessage) error {
 		return fmt.Errorf("outbound queue: %w", err)
 	}
 	sc.countOut(m.protected)
+	return nil
+}
+
+// holdAcks keeps the acknowledgement that the local broker writes to cl
+// once OnPublish returns from reaching cl's socket before the outbound
+// queue has written the record (the queue writes behind, many records with
+// one system call): on a batched connection its writer flushes the queue
+// before each socket write; on any other the queue is flushed now. So an
+// application never holds a PUBACK or PUBREC for a record that a crash of
+// this process could lose.
+func (sc *Sidecar) holdAcks(cl *mqtt.Client) error {
+	bc, ok := cl.Net.Conn.(*batchedConn)
+	if !ok {
+		return sc.queue.Flush()
+	}
+	if bc.barrier.Load() == nil {
+		flush := sc.queue.Flush
+		bc.barrier.CompareAndSwap(nil, &flush)
+	}
 	return nil
 }
 

@@ -85,14 +85,16 @@ func (p *pendingRetained) claimRetained(topic, id string) []*pendingSub {
 // topic: waiting subscriptions are current from now on. It returns the
 // clients that already had this very value as a retained message (upstream
 // may send both when a publish races a subscribe), which must not get it
-// twice. id names the value; "" derives it from the payload (unprotected
-// topics), only when some subscription is waiting.
-func (p *pendingRetained) claimLive(topic, id string, payload []byte) map[string]bool {
+// twice. valueID names the value, and is called only when some
+// subscription is waiting; "" derives the name from the payload
+// (unprotected topics).
+func (p *pendingRetained) claimLive(topic string, valueID func() string, payload []byte) map[string]bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if len(p.subs) == 0 {
 		return nil
 	}
+	id := valueID()
 	if id == "" {
 		id = payloadID(payload)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -60,11 +61,12 @@ type replayState struct {
 	dirtyR   map[string]bool
 	stop     chan struct{}
 	done     chan struct{}
+	unsynced atomic.Bool // a transaction was committed since the last fsync
 }
 
 func openReplayState(dir string, sync queue.Sync) (*replayState, error) {
 	path := filepath.Join(dir, "inbound.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
 	if err != nil {
 		return nil, fmt.Errorf("proxy: open inbound state %s: %w", path, err)
 	}
@@ -118,7 +120,8 @@ func openReplayState(dir string, sync queue.Sync) (*replayState, error) {
 	return st, nil
 }
 
-// syncLoop fsyncs the database every 10 ms when the sync policy is batch.
+// syncLoop fsyncs the database every 10 ms when the sync policy is batch
+// and something was committed since the last fsync.
 func (st *replayState) syncLoop() {
 	defer close(st.done)
 	if st.sync != queue.SyncBatch {
@@ -132,7 +135,9 @@ func (st *replayState) syncLoop() {
 		case <-st.stop:
 			return
 		case <-t.C:
-			_ = st.db.Sync()
+			if st.unsynced.Swap(false) {
+				_ = st.db.Sync()
+			}
 		}
 	}
 }
@@ -229,6 +234,7 @@ func (st *replayState) commit() error {
 	clear(st.dirtyR)
 	st.mu.Unlock()
 
+	st.unsynced.Store(true)
 	return st.db.Update(func(tx *bolt.Tx) error {
 		rb, tb := tx.Bucket(bucketReplay), tx.Bucket(bucketRetained)
 		for _, w := range ws {

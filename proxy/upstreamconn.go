@@ -10,15 +10,16 @@ import (
 	"net/url"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 )
 
 // The bridge's upstream connection reads through a buffer and coalesces its
-// writes. paho reads each packet's fixed header a byte at a time straight
-// from the socket and writes every packet with a system call of its own, from
-// one goroutine: at a few thousand messages a second those calls are most of
+// writes. The bridge reads each packet's fixed header a byte at a time and
+// writes every packet with a call of its own, from several goroutines: as
+// system calls, at a few thousand messages a second, those would be most of
 // the bridge's CPU. A batched connection changes how bytes reach the socket,
 // never which bytes or in what order, so the ordering and resend guarantees
 // (bridge.go) are those of the connection underneath.
@@ -94,8 +95,8 @@ func dialUpstream(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
 }
 
 // proxyFromEnvironment reports whether paho would dial through a proxy
-// named by the environment; dialUpstream does not, so the bridge then keeps
-// paho's own dialing.
+// named by the environment; dialUpstream does not, so the bridge then dials
+// through the proxy itself (dialBridge).
 func proxyFromEnvironment() bool {
 	return os.Getenv("ALL_PROXY") != "" || os.Getenv("all_proxy") != ""
 }
@@ -114,10 +115,18 @@ type batchedConn struct {
 	drained  sync.Cond // pending shrank, or err was set
 	pending  []byte
 	deadline time.Time // for socket writes, when timeout is 0
-	err      error     // the first socket write error
-	closing  bool
-	wake     chan struct{} // a token: pending became non-empty, or closing
-	done     chan struct{} // the writer goroutine ended
+	// readDeadline is the read deadline the socket has (SetReadDeadline).
+	readDeadline time.Time
+	err          error // the first socket write error
+	closing      bool
+	wake         chan struct{} // a token: pending became non-empty, or closing
+	done         chan struct{} // the writer goroutine ended
+
+	// barrier, when set, runs before every socket write; an error fails
+	// the connection instead of writing. A local application's
+	// acknowledgements wait behind it for the outbound queue's buffered
+	// records (see holdAcks).
+	barrier atomic.Pointer[func() error]
 }
 
 var errConnClosed = errors.New("upstream connection closed")
@@ -172,6 +181,43 @@ func (b *batchedConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// tryWrite is Write with a bound on the wait: it takes p once fewer than
+// limit bytes wait for the socket, and reports false if that takes longer
+// than wait (the peer is slow). err is the connection's failure, if it has
+// failed.
+func (b *batchedConn) tryWrite(p []byte, limit int, wait time.Duration) (bool, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	timedOut := false
+	for b.err == nil && !b.closing && len(b.pending) > 0 && len(b.pending)+len(p) > limit {
+		if timedOut || wait <= 0 {
+			return false, nil
+		}
+		t := time.AfterFunc(wait, func() {
+			b.mu.Lock()
+			timedOut = true
+			b.drained.Broadcast()
+			b.mu.Unlock()
+		})
+		defer t.Stop()
+		wait = 0 // one timer
+		for !timedOut && b.err == nil && !b.closing && len(b.pending)+len(p) > limit {
+			b.drained.Wait()
+		}
+	}
+	switch {
+	case b.err != nil:
+		return false, b.err
+	case b.closing:
+		return false, errConnClosed
+	}
+	if len(b.pending) == 0 {
+		b.signal()
+	}
+	b.pending = append(b.pending, p...)
+	return true, nil
+}
+
 // signal leaves the writer a wake-up token. Callers hold mu.
 func (b *batchedConn) signal() {
 	select {
@@ -195,11 +241,19 @@ func (b *batchedConn) writeLoop() {
 				}
 				break
 			}
-			if b.timeout > 0 {
-				deadline = time.Now().Add(b.timeout)
+			var err error
+			if f := b.barrier.Load(); f != nil {
+				if err = (*f)(); err != nil {
+					err = fmt.Errorf("before writing to %s: %w", b.Conn.RemoteAddr(), err)
+				}
 			}
-			_ = b.Conn.SetWriteDeadline(deadline)
-			_, err := b.Conn.Write(out)
+			if err == nil {
+				if b.timeout > 0 {
+					deadline = time.Now().Add(b.timeout)
+				}
+				_ = b.Conn.SetWriteDeadline(deadline)
+				_, err = b.Conn.Write(out)
+			}
 			b.mu.Lock()
 			if err != nil {
 				b.err = err
@@ -245,12 +299,28 @@ func (b *batchedConn) SetDeadline(t time.Time) error {
 	return b.SetReadDeadline(t)
 }
 
+// The local broker moves a connection's read deadline (its keep-alive
+// limit) forward on every packet, and each move costs a timer update in the
+// runtime: a deadline set is pushed a sixteenth of its distance further,
+// and a later request that it still covers, by no more than an eighth of
+// that request's distance, leaves it alone. The deadline then fires at
+// most that much late, never early.
 func (b *batchedConn) SetReadDeadline(t time.Time) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.err != nil {
 		return nil
 	}
+	if !t.IsZero() {
+		left := time.Until(t)
+		if cur := b.readDeadline; !cur.IsZero() && !t.After(cur) && cur.Sub(t) <= left/8 {
+			return nil
+		}
+		if left > 0 {
+			t = t.Add(left / 16)
+		}
+	}
+	b.readDeadline = t
 	return b.Conn.SetReadDeadline(t)
 }
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -149,5 +150,143 @@ func TestBatchedConnWithoutTimeoutUsesTheCallersWriteDeadline(t *testing.T) {
 	}
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("write: %v, want the deadline error", err)
+	}
+}
+
+// The barrier runs before every socket write: no byte written after it was
+// set reaches the peer before it returned. A barrier that fails cuts the
+// connection instead of writing.
+func TestBatchedConnRunsItsBarrierBeforeEachSocketWrite(t *testing.T) {
+	c, s := tcpPair(t)
+	b := newBatchedConn(c, 0, time.Second)
+	defer b.Close()
+	var calls int
+	release := make(chan struct{})
+	barrier := func() error {
+		calls++
+		if calls == 1 {
+			<-release
+		}
+		if calls == 3 {
+			return errWriteBroken
+		}
+		return nil
+	}
+	b.barrier.Store(&barrier)
+	if _, err := b.Write([]byte("ack-1")); err != nil {
+		t.Fatal(err)
+	}
+	s.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if n, err := s.Read(make([]byte, 16)); n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the peer read %d bytes (%v) while the barrier held the write", n, err)
+	}
+	close(release)
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(s, got); err != nil || string(got) != "ack-1" {
+		t.Fatalf("peer read %q, %v after the barrier returned", got, err)
+	}
+	if _, err := b.Write([]byte("ack-2")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(s, got); err != nil || string(got) != "ack-2" {
+		t.Fatalf("peer read %q, %v", got, err)
+	}
+	if _, err := b.Write([]byte("ack-3")); err != nil {
+		t.Fatal(err)
+	}
+	<-b.done // the failed barrier ends the writer
+	if _, err := b.Write([]byte("ack-4")); !errors.Is(err, errWriteBroken) {
+		t.Errorf("write after a failed barrier: %v, want the barrier's error", err)
+	}
+	if _, err := b.Read(make([]byte, 1)); !errors.Is(err, errWriteBroken) {
+		t.Errorf("read after a failed barrier: %v, want the barrier's error", err)
+	}
+	s.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if n, _ := s.Read(got); n != 0 {
+		t.Errorf("the peer got %q, written after a failed barrier", got[:n])
+	}
+}
+
+// tryWrite takes bytes while fewer than its limit wait for the socket,
+// waits a bounded time for a slow peer to read, and then gives up without
+// taking anything.
+func TestBatchedConnTryWriteWaitsBoundedForRoom(t *testing.T) {
+	c, s := net.Pipe() // synchronous: bytes leave only as the peer reads them
+	b := newBatchedConn(c, 0, 5*time.Second)
+	defer b.Close()
+	chunk := make([]byte, 1000)
+	if ok, err := b.tryWrite(chunk, 1500, 0); !ok || err != nil {
+		t.Fatalf("first write: %v, %v", ok, err)
+	}
+	// Once the writer holds the first chunk in its socket write (which
+	// never ends), a second one waits in pending and a third finds no room.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b.mu.Lock()
+		taken := len(b.pending) == 0
+		b.mu.Unlock()
+		if taken {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the writer never took the first chunk")
+		}
+		runtime.Gosched()
+	}
+	if ok, err := b.tryWrite(chunk, 1500, 0); !ok || err != nil {
+		t.Fatalf("second write: %v, %v", ok, err)
+	}
+	if ok, err := b.tryWrite(chunk, 1500, 0); ok || err != nil {
+		t.Fatalf("third write without waiting: %v, %v; want no room", ok, err)
+	}
+	start := time.Now()
+	if ok, _ := b.tryWrite(chunk, 1500, 50*time.Millisecond); ok {
+		t.Fatal("tryWrite took bytes past its limit")
+	}
+	if waited := time.Since(start); waited < 50*time.Millisecond {
+		t.Errorf("gave up after %v, want the 50ms wait", waited)
+	}
+	go io.Copy(io.Discard, s) // the peer reads again
+	if ok, err := b.tryWrite(chunk, 1500, 5*time.Second); !ok || err != nil {
+		t.Fatalf("tryWrite once the peer reads: %v, %v", ok, err)
+	}
+}
+
+// Read deadlines that keep moving forward reach the socket only now and
+// then, never earlier than asked; an earlier one or none reaches it at once.
+func TestBatchedConnReadDeadlineNeverFiresEarly(t *testing.T) {
+	c, s := tcpPair(t)
+	b := newBatchedConn(c, 0, time.Second)
+	defer b.Close()
+	asked := time.Now().Add(time.Hour)
+	for i := range 100 {
+		asked = time.Now().Add(time.Hour + time.Duration(i)*time.Millisecond)
+		if err := b.SetReadDeadline(asked); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.mu.Lock()
+	set := b.readDeadline
+	b.mu.Unlock()
+	if set.Before(asked) || set.Sub(asked) > time.Hour/8 {
+		t.Errorf("socket deadline %v after the last one asked, want within [0, 1h/8]", set.Sub(asked))
+	}
+	if err := b.SetReadDeadline(time.Now().Add(20 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := b.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read: %v, want the earlier deadline's error", err)
+	}
+	if waited := time.Since(start); waited > 5*time.Second {
+		t.Errorf("an earlier deadline fired after %v", waited)
+	}
+	if err := b.SetReadDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	go s.Write([]byte("x"))
+	if _, err := b.Read(make([]byte, 1)); err != nil {
+		t.Errorf("read without a deadline: %v", err)
 	}
 }

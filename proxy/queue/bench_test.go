@@ -9,16 +9,29 @@ import (
 var benchRecord = Record{QoS: 1, Topic: "secure/plant-7/line-3/temperature", Payload: make([]byte, 300)}
 
 // BenchmarkAppendAck measures one sender's round: Append, Next, Ack.
+// With write-behind, Flush runs every 32 appends, as an application's
+// batched acknowledgements would call it.
 func BenchmarkAppendAck(b *testing.B) {
-	for _, s := range allSyncs {
-		b.Run("sync="+s.String(), func(b *testing.B) {
-			q := openQueue(b, Options{Dir: b.TempDir(), Sync: s})
+	for _, o := range []Options{{Sync: SyncNone}, {Sync: SyncBatch}, {Sync: SyncAlways}, {Sync: SyncBatch, WriteBehind: true}} {
+		name := "sync=" + o.Sync.String()
+		if o.WriteBehind {
+			name += "/write-behind"
+		}
+		b.Run(name, func(b *testing.B) {
+			o.Dir = b.TempDir()
+			q := openQueue(b, o)
+			n := 0
 			ctx := context.Background()
 			b.SetBytes(int64(frameLen(benchRecord.Topic, benchRecord.Payload)))
 			b.ReportAllocs()
 			for b.Loop() {
 				if _, err := q.Append(ctx, benchRecord); err != nil {
 					b.Fatal(err)
+				}
+				if n++; n%32 == 0 {
+					if err := q.Flush(); err != nil {
+						b.Fatal(err)
+					}
 				}
 				r, err := q.Next(ctx)
 				if err != nil {

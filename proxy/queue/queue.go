@@ -39,8 +39,12 @@
 // # Durability
 //
 // Append writes each record with a single write(2) while holding the queue's
-// lock, so the file order is the ID order. What happens next depends on
-// Options.Sync:
+// lock, so the file order is the ID order. With Options.WriteBehind it
+// only adds the record to a buffer instead, and Flush (or the background
+// goroutine, a full buffer, a new segment or Close) writes everything
+// buffered with one write(2); the record survives a process crash once that
+// write is done, so the caller calls Flush before it reports the record as
+// stored to anyone. What happens next depends on Options.Sync:
 //
 //   - SyncNone: nothing more; files are fsynced only by Close. A record
 //     survives a process crash (the kernel has it), not a power loss.
@@ -159,7 +163,15 @@ type Options struct {
 	// MemoryBytes bounds the topic and payload bytes kept in memory;
 	// DefaultMemoryBytes if zero.
 	MemoryBytes int64
+	// WriteBehind makes Append buffer records (up to writeBehindBytes)
+	// instead of writing each with a system call of its own; Flush writes
+	// them. Ignored with SyncAlways, whose Append writes and fsyncs.
+	WriteBehind bool
 }
+
+// writeBehindBytes is the most that Options.WriteBehind buffers: past it,
+// Append writes the buffer itself.
+const writeBehindBytes = 256 << 10
 
 func (o Options) withDefaults() (Options, error) {
 	if o.Dir == "" {
@@ -275,6 +287,11 @@ type Queue struct {
 	readerF  *os.File
 	resident int64 // topic and payload bytes held in ents
 	scratch  []byte
+
+	// wbuf holds the frames Append buffered (Options.WriteBehind), which
+	// belong at offset wbufOff of the active segment.
+	wbuf    []byte
+	wbufOff int64
 
 	written uint64 // frame bytes written since Open
 	synced  uint64 // frame bytes known to be fsynced
@@ -399,24 +416,34 @@ func (q *Queue) writeLocked(r Record) (uint64, uint64, error) {
 	}
 	seg := q.active
 	id := q.nextID
-	if cap(q.scratch) < size {
-		q.scratch = make([]byte, size)
-	}
-	frame := q.scratch[:size]
-	putFrame(frame, id, r.QoS, r.Retain, r.Topic, r.Payload)
-	if n, err := seg.f.Write(frame); err != nil {
-		err = fmt.Errorf("queue: writing record %d to %s: %w", id, seg.path, err)
-		if n > 0 {
-			// Cut the partial frame off, or it would end the segment
-			// for every record appended after it.
-			if terr := seg.f.Truncate(seg.size); terr != nil {
-				return 0, 0, q.failLocked(errors.Join(err, fmt.Errorf("queue: truncating %s: %w", seg.path, terr)))
-			}
+	if q.writeBehind() {
+		if len(q.wbuf) == 0 {
+			q.wbufOff = seg.size
 		}
-		return 0, 0, err
-	}
-	if cap(q.scratch) > 1<<20 {
-		q.scratch = nil
+		n := len(q.wbuf)
+		q.wbuf = slices.Grow(q.wbuf, size)[:n+size]
+		putFrame(q.wbuf[n:], id, r.QoS, r.Retain, r.Topic, r.Payload)
+	} else {
+		if cap(q.scratch) < size {
+			q.scratch = make([]byte, size)
+		}
+		frame := q.scratch[:size]
+		putFrame(frame, id, r.QoS, r.Retain, r.Topic, r.Payload)
+		if n, err := seg.f.Write(frame); err != nil {
+			err = fmt.Errorf("queue: writing record %d to %s: %w", id, seg.path, err)
+			if n > 0 {
+				// Cut the partial frame off, or it would end the segment
+				// for every record appended after it.
+				if terr := seg.f.Truncate(seg.size); terr != nil {
+					return 0, 0, q.failLocked(errors.Join(err, fmt.Errorf("queue: truncating %s: %w", seg.path, terr)))
+				}
+			}
+			return 0, 0, err
+		}
+		if cap(q.scratch) > 1<<20 {
+			q.scratch = nil
+		}
+		q.written += uint64(size)
 	}
 
 	e := entry{id: id, seg: seg, off: seg.size, size: size, qos: r.QoS, retain: r.Retain}
@@ -431,12 +458,59 @@ func (q *Queue) writeLocked(r Record) (uint64, uint64, error) {
 	q.unacked++
 	seg.unacked++
 	seg.size += int64(size)
-	q.written += uint64(size)
 	wake(&q.dataCh)
-	if q.opts.Sync == SyncBatch {
+	switch {
+	case len(q.wbuf) >= writeBehindBytes:
+		// The record is indexed already: a failure here fails the queue,
+		// and Append reports it.
+		if err := q.writeBufferLocked(); err != nil {
+			return 0, 0, err
+		}
+	case q.opts.Sync == SyncBatch || len(q.wbuf) > 0:
 		q.kickLocked()
 	}
 	return id, q.written, nil
+}
+
+func (q *Queue) writeBehind() bool { return q.opts.WriteBehind && q.opts.Sync != SyncAlways }
+
+// Flush writes the records that Append buffered (Options.WriteBehind) to
+// their segment file with one write(2). Once it returns nil, every record
+// appended before the call survives a crash of this process (and, after
+// the next fsync, of the machine). Without WriteBehind it does nothing. It
+// returns the queue's failure, if it has failed.
+func (q *Queue) Flush() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.writeBufferLocked()
+}
+
+// writeBufferLocked writes wbuf to the active segment. A failed write fails
+// the queue: its records may have been handed to the sender already, and
+// which of them a caller reported as stored cannot be told. They stay
+// buffered, so Next still hands them out.
+func (q *Queue) writeBufferLocked() error {
+	if q.err != nil || len(q.wbuf) == 0 {
+		return q.err
+	}
+	seg := q.active
+	n, err := seg.f.Write(q.wbuf)
+	if err != nil {
+		err = fmt.Errorf("queue: writing %d buffered bytes to %s at offset %d: %w", len(q.wbuf), seg.path, q.wbufOff, err)
+		if n > 0 {
+			if terr := seg.f.Truncate(q.wbufOff); terr != nil {
+				err = errors.Join(err, fmt.Errorf("queue: truncating %s: %w", seg.path, terr))
+			}
+		}
+		return q.failLocked(err)
+	}
+	q.written += uint64(n)
+	if cap(q.wbuf) > 2*writeBehindBytes {
+		q.wbuf = nil
+	} else {
+		q.wbuf = q.wbuf[:0]
+	}
+	return nil
 }
 
 // Next returns the next record not yet handed out in this pass, in ID
@@ -492,7 +566,9 @@ func (q *Queue) recordLocked(i int) (Record, error) {
 		return Record{ID: id}, err
 	}
 	frame := make([]byte, e.size)
-	if _, err := f.ReadAt(frame, e.off); err != nil {
+	if e.seg == q.active && len(q.wbuf) > 0 && e.off >= q.wbufOff {
+		copy(frame, q.wbuf[e.off-q.wbufOff:]) // not written yet
+	} else if _, err := f.ReadAt(frame, e.off); err != nil {
 		return Record{ID: id}, fmt.Errorf("queue: reading record %d from %s at offset %d: %w", id, path, off, err)
 	}
 	b, err := checkFrame(frame)
@@ -652,6 +728,7 @@ func (q *Queue) Close() error {
 	for q.syncing {
 		q.syncCond.Wait()
 	}
+	q.writeBufferLocked() // a failure is q.err
 	errs := []error{q.err}
 	acks, compact := q.takeAcksLocked()
 	if err := q.persistAcks(acks, compact, true); err != nil {

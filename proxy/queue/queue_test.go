@@ -1009,3 +1009,142 @@ func TestRecordLargerThanSegmentGetsItsOwnSegment(t *testing.T) {
 	q = openQueue(t, opts)
 	checkRecords(t, pending(t, q), all)
 }
+
+// segmentBytes returns the bytes of the records in dir's segment files.
+func segmentBytes(t testing.TB, dir string) int64 {
+	t.Helper()
+	var n int64
+	for _, name := range segmentFiles(t, dir) {
+		fi, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += fi.Size() - magicLen
+	}
+	return n
+}
+
+// With WriteBehind, Append leaves records in memory (Next hands them out at
+// once) and Flush writes them all with one write: from then on they survive
+// a crash.
+func TestWriteBehindRecordsSurviveCrashOnceFlushed(t *testing.T) {
+	for _, s := range []Sync{SyncNone, SyncBatch} {
+		t.Run(s.String(), func(t *testing.T) {
+			dir := t.TempDir()
+			opts := Options{Dir: dir, Sync: s, WriteBehind: true, BatchInterval: idle, SegmentBytes: 1024}
+			q := openQueue(t, opts)
+			first := appendRecords(t, q, 0, 5)
+			if n := segmentBytes(t, dir); n != 0 {
+				t.Fatalf("%d record bytes in the segment before Flush, want 0", n)
+			}
+			checkRecords(t, pending(t, q), first)
+			if err := q.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			var want int64
+			for _, r := range first {
+				want += int64(frameLen(r.Topic, r.Payload))
+			}
+			if n := segmentBytes(t, dir); n != want {
+				t.Fatalf("%d record bytes in the segment after Flush, want %d", n, want)
+			}
+			// Past SegmentBytes the buffer is written before the next
+			// segment starts, so records keep their order on disk.
+			more := appendRecords(t, q, 5, 25)
+			if err := q.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			crash(q)
+
+			q = openQueue(t, opts)
+			checkRecords(t, pending(t, q), append(first, more...))
+			if err := q.Recovered().Err; err != nil {
+				t.Errorf("Recovered().Err = %v", err)
+			}
+		})
+	}
+}
+
+// Records never flushed are lost by a crash (their appender was told to
+// report none of them as stored), and everything flushed before them stays.
+func TestWriteBehindLosesOnlyUnflushedRecordsInCrash(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Dir: dir, WriteBehind: true, BatchInterval: idle}
+	q := openQueue(t, opts)
+	kept := appendRecords(t, q, 0, 3)
+	if err := q.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	appendRecords(t, q, 3, 3)
+	crash(q)
+	q = openQueue(t, opts)
+	checkRecords(t, pending(t, q), kept)
+}
+
+// The flusher goroutine and Close write buffered records too, and a record
+// held only in the buffer and not in memory is still handed out.
+func TestWriteBehindBufferIsWrittenByFlusherAndClose(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Dir: dir, WriteBehind: true, BatchInterval: time.Millisecond, MemoryBytes: 1}
+	q := openQueue(t, opts)
+	all := appendRecords(t, q, 1, 4) // no record is kept in memory
+	checkRecords(t, pending(t, q), all)
+	deadline := time.Now().Add(5 * time.Second)
+	for segmentBytes(t, dir) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the flusher did not write the buffered records")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	more := appendRecords(t, q, 5, 2)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	opts.BatchInterval = idle
+	q = openQueue(t, opts)
+	checkRecords(t, pending(t, q), append(all, more...))
+}
+
+// A full buffer is written by Append itself, so the memory it holds stays
+// bounded.
+func TestWriteBehindBufferIsBounded(t *testing.T) {
+	dir := t.TempDir()
+	q := openQueue(t, Options{Dir: dir, WriteBehind: true, BatchInterval: idle})
+	r := Record{QoS: 1, Topic: "t", Payload: make([]byte, 1000)}
+	for range 2 * writeBehindBytes / 1000 {
+		if _, err := q.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.mu.Lock()
+	buffered := len(q.wbuf)
+	q.mu.Unlock()
+	if buffered >= writeBehindBytes {
+		t.Errorf("%d bytes buffered, bound %d", buffered, writeBehindBytes)
+	}
+	if segmentBytes(t, dir) == 0 {
+		t.Error("nothing written after twice the buffer's bound was appended")
+	}
+}
+
+// A failed write of the buffer fails the queue: Flush reports it (so no
+// caller reports those records as stored) and Append refuses new records,
+// while the buffered records are still handed out.
+func TestWriteBehindWriteFailureFailsTheQueue(t *testing.T) {
+	dir := t.TempDir()
+	q := openQueue(t, Options{Dir: dir, WriteBehind: true, BatchInterval: idle})
+	all := appendRecords(t, q, 0, 3)
+	q.mu.Lock()
+	q.active.f.Close() // every write to it fails from now on
+	q.mu.Unlock()
+	if err := q.Flush(); err == nil {
+		t.Fatal("Flush succeeded on a closed segment file")
+	}
+	if err := q.Flush(); err == nil {
+		t.Fatal("a second Flush succeeded after a failed write")
+	}
+	if _, err := q.Append(context.Background(), testRecord(9)); err == nil {
+		t.Fatal("Append succeeded on a failed queue")
+	}
+	checkRecords(t, pending(t, q), all)
+}

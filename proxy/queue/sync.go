@@ -10,7 +10,9 @@ import (
 )
 
 // Writing and syncing the files, in the order a record's bytes go:
-//  1. writeLocked appends the frame with one write(2);
+//  1. writeLocked appends the frame with one write(2), or, with
+//     WriteBehind, to a buffer that writeBufferLocked writes with one
+//     write(2) when Flush, the flusher, rotateLocked or Close asks;
 //  2. with SyncAlways, the appender waits in waitSyncedLocked, where one of
 //     the waiters fsyncs the active segment for all of them;
 //     with SyncBatch, the flusher goroutine fsyncs it every BatchInterval
@@ -56,6 +58,9 @@ func (q *Queue) waitSyncedLocked(end uint64) error {
 
 // rotateLocked starts a new active segment.
 func (q *Queue) rotateLocked() error {
+	if err := q.writeBufferLocked(); err != nil {
+		return err
+	}
 	old := q.active
 	if q.opts.Sync != SyncNone {
 		if err := old.f.Sync(); err != nil {
@@ -174,10 +179,12 @@ func (q *Queue) run() {
 	}
 }
 
-// flush writes pending acks and, with SyncBatch, fsyncs the active segment.
+// flush writes buffered records and pending acks and, with SyncBatch, fsyncs
+// the active segment.
 func (q *Queue) flush() {
 	q.mu.Lock()
 	q.kicked = false
+	q.writeBufferLocked() // a failure is q.err, and no fsync follows
 	acks, compact := q.takeAcksLocked()
 	var seg *segment
 	var f *os.File
