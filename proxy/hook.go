@@ -162,6 +162,7 @@ func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 		return
 	}
 	h.sc.subscribing.Delete(cl.ID)
+	var subs []change
 	for i, f := range pk.Filters {
 		handling, _ := h.sc.wantsRetained.LoadAndDelete(subKey{cl.ID, f.Filter})
 		if i < len(reasonCodes) && reasonCodes[i] >= 0x80 {
@@ -174,8 +175,11 @@ func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 			f.RetainHandling = rh
 			h.sc.pendingRetained.add(cl.ID, f)
 		}
-		h.sc.mirrorAdd(cl.ID, f.Filter, f.Qos)
+		if c, ok := h.sc.mirrorTrack(cl.ID, f.Filter, f.Qos); ok {
+			subs = append(subs, c)
+		}
 	}
+	h.sc.subscribeUpstream(subs)
 }
 
 func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {

@@ -375,24 +375,45 @@ func (sc *Sidecar) onUpstreamLost(err error) {
 }
 
 func (sc *Sidecar) mirrorAdd(client, filter string, qos byte) {
+	if c, ok := sc.mirrorTrack(client, filter, qos); ok {
+		sc.subscribeUpstream([]change{c})
+	}
+}
+
+// mirrorTrack records a local subscription in the mirror and says what to
+// subscribe upstream, if anything.
+func (sc *Sidecar) mirrorTrack(client, filter string, qos byte) (change, bool) {
 	sc.direct.subscriptionsChanged() // deliver.go
 	c, changed := sc.mirror.add(client, filter, qos)
 	sc.metrics.Subscribed.Set(float64(sc.mirror.len()))
 	if !changed {
 		if isShared(filter) {
-			return
+			return change{}, false
 		}
 		// Subscribe again anyway: upstream then re-sends the filter's
 		// retained messages for this new local subscription.
 		c = sc.mirror.get(filter)
 	}
-	// Subscribing synchronously keeps the local SUBACK after the upstream
-	// SUBACK, so an application that subscribes and then expects messages
-	// published afterwards by others gets them.
-	err := sc.bridge.subscribe(c.filter, c.qos)
-	if err != nil {
-		sc.log.Warn("subscribing upstream failed; will retry on reconnect", "filter", filter, "error", err)
+	return c, true
+}
+
+// subscribeUpstream subscribes the filters upstream, all at once, and
+// waits for every SUBACK: the local SUBACK then follows the upstream ones,
+// so an application that subscribes and then expects messages published
+// afterwards by others gets them. (One round trip per SUBSCRIBE packet, not
+// per filter.)
+func (sc *Sidecar) subscribeUpstream(subs []change) {
+	var wg sync.WaitGroup
+	for _, c := range subs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := sc.bridge.subscribe(c.filter, c.qos); err != nil {
+				sc.log.Warn("subscribing upstream failed; will retry on reconnect", "filter", c.filter, "error", err)
+			}
+		}()
 	}
+	wg.Wait()
 }
 
 func (sc *Sidecar) mirrorRemove(client, filter string) {
