@@ -2,6 +2,7 @@ package gkd
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
 	"testing"
 	"time"
@@ -118,4 +119,33 @@ func FuzzParseSlotGrant(f *testing.F) {
 			g.Key([32]byte{}, "g", 0, s) // must not panic
 		}
 	})
+}
+
+// TestSlotGrantVector pins the grant's encoding (docs/PROTOCOL.md 3.3) with
+// bytes computed from the documented formulas by a separate implementation
+// (Python's hashlib and struct): depth 4, root 80 81 … 9f, slots 5 to 12 of
+// tree 0, 10 s slots from 1,700,000,000,000 ms, skew 1.
+func TestSlotGrantVector(t *testing.T) {
+	var root [32]byte
+	for i := range 32 {
+		root[i] = byte(0x80 + i)
+	}
+	nodes, err := NewSlotTree(4, root).Cover(5, 12)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := SlotGrant{Origin: time.UnixMilli(1_700_000_000_000), Slot: 10 * time.Second, Depth: 4, Skew: 1, First: 5, Last: 12,
+		Covers: []SlotCover{{Tree: 0, Nodes: nodes}}}
+	b, err := g.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const want = "0000018bcfe568000000271004010000000000000005000000000000000c01000000000400" +
+		"0000000000000005ae4d791bc9405c5f39177954f0f7cd8687ea75f716f48f91dc49a56fc6e4de36" +
+		"0100000000000000030ee9c903c73abbe8bcc2c35f151ce4a575fa5d8549d81466c1567737f14c756b" +
+		"020000000000000002de53a6ff49ee72723d0f70bcf7fd828af9409561e850f3d480b5077a7e500ee1" +
+		"00000000000000000c7f5e93c14a2f3ae8a9c81b3fb2f1cc7ace10415c4ea5b13c7428f54d41b0e1c4"
+	if got := hex.EncodeToString(b); got != want {
+		t.Fatalf("grant encodes as\n%s\nwant\n%s", got, want)
+	}
 }
