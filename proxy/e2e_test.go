@@ -70,6 +70,10 @@ func e2eSuite(t *testing.T, up upstream, seen spy) {
 		// (usually live, retain=0; retain=1 when upstream's retained
 		// delivery for the subscription raced the publish: either way once)
 		expect(t, early, topic, secret)
+		// Upstream may send B both copies when they raced; the second
+		// must reach B (and be held back from early) before late
+		// subscribes, or late rightly gets it live.
+		expectNone(t, early, 300*time.Millisecond)
 		late := r.app(b, uniq("late"))
 		must(t, late.Subscribe(topic, 1))
 		m := expect(t, late, topic, secret)
