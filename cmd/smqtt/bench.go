@@ -148,23 +148,11 @@ bytes sent, and its time, store commit included.`, stderr)
 	if err != nil {
 		return err
 	}
-	if *cost {
-		if !flagGiven(fs, "members") {
-			*members = "100,1000,10000,100000"
-		}
-		return runRekeyCost(*members, gkd.Suite(*suite), *leaves, *jsonOnly, stdout, stderr)
-	}
-	schemes := strings.Split(*scheme, ",")
-	for _, sch := range schemes {
-		if sch != "update" && sch != "lkh" && sch != "slotted" {
-			return fmt.Errorf("--scheme: %q is not a scheme (update, lkh, slotted, or a list: update,lkh)", sch)
-		}
+	if *cost && !flagGiven(fs, "members") {
+		*members = "100,1000,10000,100000"
 	}
 	if *suite != string(gkd.SuiteHybrid) && *suite != string(gkd.SuiteX25519) {
 		return fmt.Errorf("--suite: %q is not hybrid or x25519", *suite)
-	}
-	if *batch <= 0 {
-		return fmt.Errorf("--rekey-batch: %s must be positive", *batch)
 	}
 	var counts []int
 	for _, s := range strings.Split(*members, ",") {
@@ -173,6 +161,18 @@ bytes sent, and its time, store commit included.`, stderr)
 			return fmt.Errorf("--members: %q is not a count of at least 2", s)
 		}
 		counts = append(counts, n)
+	}
+	if *cost {
+		return runRekeyCost(counts, gkd.Suite(*suite), *leaves, *jsonOnly, stdout, stderr)
+	}
+	schemes := strings.Split(*scheme, ",")
+	for _, sch := range schemes {
+		if sch != "update" && sch != "lkh" && sch != "slotted" {
+			return fmt.Errorf("--scheme: %q is not a scheme (update, lkh, slotted, or a list: update,lkh)", sch)
+		}
+	}
+	if *batch <= 0 {
+		return fmt.Errorf("--rekey-batch: %s must be positive", *batch)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -7,6 +7,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -112,5 +113,35 @@ func TestVersionPrintsTheStampedVersion(t *testing.T) {
 	r := smqtt(t, t.TempDir(), "version")
 	if r.code != 0 || r.stdout != "smqtt "+testVersion+"\n" {
 		t.Fatalf("smqtt version: exit %d, stdout %q, want %q", r.code, r.stdout, "smqtt "+testVersion+"\n")
+	}
+}
+
+// `smqtt bench rekey --cost` prints one BENCH line per scheme and size,
+// with the shapes of the schemes: a slotted join sends one message, an lkh
+// leave one broadcast, an update leave one message per remaining member.
+func TestBenchRekeyCostPrintsEachScheme(t *testing.T) {
+	r := smqtt(t, t.TempDir(), "bench", "rekey", "--cost", "--members", "20", "--batch", "4", "--suite", "x25519", "--json")
+	if r.code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", r.code, r.stderr)
+	}
+	got := map[string]map[string]any{}
+	for _, l := range lines(r.stdout) {
+		var v map[string]any
+		if err := json.Unmarshal([]byte(strings.TrimPrefix(l, "BENCH ")), &v); err != nil {
+			t.Fatalf("line %q: %v", l, err)
+		}
+		got[v["name"].(string)] = v
+	}
+	want := map[string][2]float64{ // name -> join msgs, leave msgs
+		"cost-update-20": {21, 20}, "cost-lkh-20": {2, 1}, "cost-slotted-20": {1, 20},
+	}
+	for name, w := range want {
+		v, ok := got[name]
+		if !ok || v["join_msgs"] != w[0] || v["leave_msgs"] != w[1] {
+			t.Errorf("%s: %v, want join_msgs %v and leave_msgs %v", name, v, w[0], w[1])
+		}
+	}
+	if _, ok := got["cost-lkh-batch4-20"]; !ok || len(got) != 4 {
+		t.Errorf("lines %v, want the four schemes including cost-lkh-batch4-20", got)
 	}
 }

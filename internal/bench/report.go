@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"io"
 	"text/tabwriter"
+	"time"
+
+	"github.com/smqtt/smqtt/keyserver"
 )
 
 // LinePrefix starts every machine-readable line.
@@ -46,6 +49,51 @@ func WriteRekeyTable(w io.Writer, rs []RekeyResult) error {
 	for _, r := range rs {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%.2f\t%.1f\t%.0f\t%d\t%d\t%d\t%.2f\t%.0f\t\n",
 			r.Name, r.Scheme, r.Members, r.JoinS, r.JoinsPerS, r.LeaveMs, r.RekeyMsgs, r.WrappedKeys, r.RekeyBytes, r.CPUSeconds, r.RSSMiB)
+	}
+	return tw.Flush()
+}
+
+// CostResult is one line of `smqtt bench rekey --cost`: what one join and one
+// leave (per leave, in batches of Batch) cost the key server of a scheme.
+type CostResult struct {
+	Name          string  `json:"name"`
+	Scheme        string  `json:"scheme"`
+	Members       int     `json:"members"`
+	Batch         int     `json:"batch"`
+	JoinMessages  float64 `json:"join_msgs"`
+	JoinKeys      float64 `json:"join_keys"`
+	JoinBytes     float64 `json:"join_bytes"`
+	JoinMs        float64 `json:"join_ms"`
+	LeaveMessages float64 `json:"leave_msgs"`
+	LeaveKeys     float64 `json:"leave_keys"`
+	LeaveBytes    float64 `json:"leave_bytes"`
+	LeaveMs       float64 `json:"leave_ms"`
+}
+
+// NewCostResult names and flattens a keyserver.Cost measurement.
+func NewCostResult(r keyserver.CostResult) CostResult {
+	name := fmt.Sprintf("cost-%s-%d", r.Scheme, r.Members)
+	if r.Batch > 1 {
+		name = fmt.Sprintf("cost-%s-batch%d-%d", r.Scheme, r.Batch, r.Members)
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
+	return CostResult{
+		Name: name, Scheme: r.Scheme, Members: r.Members, Batch: r.Batch,
+		JoinMessages: r.Join.Messages, JoinKeys: r.Join.WrappedKeys, JoinBytes: r.Join.Bytes, JoinMs: ms(r.Join.ServerTime),
+		LeaveMessages: r.Leave.Messages, LeaveKeys: r.Leave.WrappedKeys, LeaveBytes: r.Leave.Bytes, LeaveMs: ms(r.Leave.ServerTime),
+	}
+}
+
+// Line is the machine-readable form: "BENCH " and a JSON object.
+func (r CostResult) Line() string { return benchLine(r) }
+
+// WriteCostTable prints cost results as a table.
+func WriteCostTable(w io.Writer, rs []CostResult) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "scheme\tleaves/rekey\tmembers\tjoin msgs\tjoin keys\tjoin bytes\tjoin ms\tleave msgs\tleave keys\tleave bytes\tleave ms\t")
+	for _, r := range rs {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%.0f\t%.1f\t%.0f\t%.2f\t%.1f\t%.1f\t%.0f\t%.2f\t\n",
+			r.Scheme, r.Batch, r.Members, r.JoinMessages, r.JoinKeys, r.JoinBytes, r.JoinMs, r.LeaveMessages, r.LeaveKeys, r.LeaveBytes, r.LeaveMs)
 	}
 	return tw.Flush()
 }
