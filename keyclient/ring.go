@@ -210,10 +210,14 @@ func (r *Ring) Sealer(group string) (*envelope.Sealer, error) {
 func (r *Ring) GroupKey(group string, epoch uint32) (*envelope.GroupKey, bool) {
 	r.mu.RLock()
 	k, ok := r.keys[group][epoch]
-	miss := r.miss[group]
 	r.mu.RUnlock()
-	if !ok && miss != nil {
-		miss(epoch)
+	if !ok {
+		r.mu.RLock()
+		miss := r.miss[group]
+		r.mu.RUnlock()
+		if miss != nil {
+			miss(epoch)
+		}
 	}
 	return k, ok
 }

@@ -20,6 +20,7 @@ package keyclient
 
 import (
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/smqtt/smqtt/envelope"
@@ -40,7 +41,6 @@ type slotState struct {
 	installed map[uint32]bool
 	tick      *time.Timer // the next slot boundary or generation change
 	renew     *time.Timer
-	lastMiss  time.Time // rate limit of the "outside the window" log
 }
 
 func (ss *slotState) stop() {
@@ -83,7 +83,15 @@ func (c *Client) onSlotJoinLocked(st *groupState, group string, msg *gkd.Message
 	if ss == nil {
 		ss = &slotState{installed: map[uint32]bool{}}
 		st.slot = ss
-		c.opts.Ring.OnMiss(group, func(epoch uint32) { c.slotMiss(group, epoch) })
+		// A flood of envelopes for unknown slots must not contend for the
+		// client's lock: at most one explanation a second gets that far.
+		var last atomic.Int64
+		c.opts.Ring.OnMiss(group, func(epoch uint32) {
+			now := time.Now().UnixNano()
+			if prev := last.Load(); now-prev >= int64(time.Second) && last.CompareAndSwap(prev, now) {
+				c.slotMiss(group, epoch)
+			}
+		})
 	}
 	renewal := st.joined && len(ss.gens) > 0 && ss.gens[len(ss.gens)-1].gen == r.Epoch
 	previousLast := ss.grant.Last
@@ -226,17 +234,16 @@ func (c *Client) armRenewalLocked(st *groupState, group string, stuck bool) {
 	})
 }
 
-// slotMiss explains, at most once a second, a message of a slotted group
-// whose key the ring lacks.
+// slotMiss explains a message of a slotted group whose key the ring lacks
+// (rate-limited by its caller).
 func (c *Client) slotMiss(group string, epoch uint32) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	st := c.state[group]
-	if st == nil || st.slot == nil || time.Since(st.slot.lastMiss) < time.Second {
+	if st == nil || st.slot == nil {
 		return
 	}
 	ss := st.slot
-	ss.lastMiss = time.Now()
 	cur, _ := ss.grant.SlotAt(ss.now())
 	mask := uint64(1)<<gkd.SlotEpochBits - 1
 	slot := cur&^mask | uint64(epoch)&mask // the nearest slot with these low bits
