@@ -520,16 +520,12 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 	if joined && !g.leaving[m.name] || g.cfg.Scheme == "static" {
 		// A member that holds the current key (a restarted sidecar, or any
 		// static-group member) gets it again with a fresh sender id.
-		sender := rec.NextSender
-		rec.NextSender++
-		jm := joinedMember{Since: time.Now()}
-		if old, ok := rec.Joined[m.name]; ok {
-			jm = *old
+		var until time.Time
+		if old := rec.Joined[m.name]; old != nil {
+			until = old.Until
 		}
-		jm.Sender = sender
-		rec.put(m.name, &jm)
-		if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
-			s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "error", err)
+		sender, err := s.admitLocked(g, m, until)
+		if err != nil {
 			return
 		}
 		s.sendJoinResponseLocked(g, m, nonce, sender, time.Time{})
@@ -543,6 +539,24 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 	}
 	g.pending = append(g.pending, pendingJoin{m: m, nonce: nonce})
 	s.scheduleRekeyLocked(g)
+}
+
+// admitLocked gives a member that joins at once (without a rekey) a fresh
+// sender id and the grant end until, and commits them before any answer.
+func (s *Server) admitLocked(g *group, m *member, until time.Time) (sender uint64, err error) {
+	rec := g.rec
+	sender = rec.NextSender
+	rec.NextSender++
+	jm := &joinedMember{Since: time.Now(), Sender: sender, Until: until}
+	if old := rec.Joined[m.name]; old != nil {
+		jm.Since = old.Since
+	}
+	rec.put(m.name, jm)
+	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
+		s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "member", m.name, "error", err)
+		return 0, err
+	}
+	return sender, nil
 }
 
 func (s *Server) leaveLocked(m *member, lv gkd.Leave) {

@@ -135,26 +135,19 @@ func (s *Server) joinSlottedLocked(g *group, m *member, nonce [16]byte) {
 		delete(g.leaving, m.name)
 		s.storeLeavingLocked(g, m.name)
 	}
-	sender := rec.NextSender
-	rec.NextSender++
-	jm := &joinedMember{Since: now}
-	if old := rec.Joined[m.name]; old != nil {
-		jm.Since = old.Since
-	}
-	jm.Sender, jm.Until = sender, sg.SlotStart(sg.Last+1)
-	rec.put(m.name, jm)
-	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
-		s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "error", err)
-		return
-	}
 	ext, err := sg.MarshalBinary()
 	if err != nil {
 		s.log.Error("encoding a slot grant failed; not answering", "group", g.cfg.Name, "member", m.name, "error", err)
 		return
 	}
+	until := sg.SlotStart(sg.Last + 1)
+	sender, err := s.admitLocked(g, m, until)
+	if err != nil {
+		return
+	}
 	s.sendJoinResponseExtLocked(g, m, nonce, sender, time.Time{}, ext)
 	s.armExpiryLocked(g)
-	s.log.Info("member joined", "group", g.cfg.Name, "member", m.name, "generation", rec.Epoch, "sender", sender, "slots", fmt.Sprintf("%d-%d", sg.First, sg.Last), "until", jm.Until)
+	s.log.Info("member joined", "group", g.cfg.Name, "member", m.name, "generation", rec.Epoch, "sender", sender, "slots", fmt.Sprintf("%d-%d", sg.First, sg.Last), "until", until)
 }
 
 // noteRevokedLocked records how far the covers of members about to be
