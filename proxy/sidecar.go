@@ -127,6 +127,9 @@ func New(opts Options) (*Sidecar, error) {
 		q.Close()
 		return nil, err
 	}
+	if st.torn > 0 {
+		log.Warn("the inbound state's last write was incomplete (a crash); cut off", "bytes", st.torn)
+	}
 	sc := &Sidecar{
 		opts:     opts,
 		log:      log,

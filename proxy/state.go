@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -18,11 +21,6 @@ import (
 // each). Past it the least recently heard sender is forgotten; with a key
 // server, windows go anyway when their epoch is retired.
 const maxSendersPerGroup = 4096
-
-var (
-	bucketReplay   = []byte("replay")
-	bucketRetained = []byte("retained")
-)
 
 // senderKey names one replay window: sequence numbers restart at 1 in every
 // epoch, so a window belongs to a (group, epoch, sender).
@@ -46,82 +44,154 @@ type retainedTriple struct {
 
 // replayState is the inbound state that must survive a restart: each
 // sender's replay window and each protected topic's retained register. It is
-// kept in memory and written, once per inbound batch, in one bbolt
-// transaction before the batch is delivered and acknowledged upstream.
+// kept in memory; what changed is appended to inbound.log (inboundlog.go),
+// once per inbound batch, before the batch is delivered and acknowledged
+// upstream.
 type replayState struct {
-	db   *bolt.DB
+	dir  string
 	sync queue.Sync
+	log  *os.File
+	size int64 // bytes in the log
+	base int64 // its size right after the last compaction
 
 	mu       sync.Mutex
 	clock    uint64
 	windows  map[senderKey]*senderWindow
 	perGroup map[string]int
 	retained map[string]retainedTriple
-	dirtyW   map[senderKey]bool
-	dirtyR   map[string]bool
+	pend     []byte    // frames of changes not yet written
+	runKey   senderKey // the key of the accepted frame still open at pend's end
+	runAt    int       // where that frame starts in pend; -1 if none is open
+	wbuf     []byte    // pend's contents while commit writes them
+	torn     int       // bytes cut off the log's end when it was loaded
+
 	stop     chan struct{}
 	done     chan struct{}
-	unsynced atomic.Bool // a transaction was committed since the last fsync
+	commitMu sync.Mutex  // one commit at a time: the inbound worker's, or close's
+	syncMu   sync.Mutex  // the log file's fsyncs and replacement
+	unsynced atomic.Bool // written since the last fsync
 }
 
-func openReplayState(dir string, sync queue.Sync) (*replayState, error) {
-	path := filepath.Join(dir, "inbound.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
-	if err != nil {
-		return nil, fmt.Errorf("proxy: open inbound state %s: %w", path, err)
-	}
-	db.NoSync = sync != queue.SyncAlways
-	st := &replayState{
-		db: db, sync: sync,
+// newReplayState returns an empty state with no file.
+func newReplayState() *replayState {
+	return &replayState{
+		runAt:    -1,
 		windows:  make(map[senderKey]*senderWindow),
 		perGroup: make(map[string]int),
 		retained: make(map[string]retainedTriple),
-		dirtyW:   make(map[senderKey]bool),
-		dirtyR:   make(map[string]bool),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		rb, err := tx.CreateBucketIfNotExists(bucketReplay)
+}
+
+func openReplayState(dir string, sync queue.Sync) (*replayState, error) {
+	st := newReplayState()
+	st.dir, st.sync = dir, sync
+	path := filepath.Join(dir, inboundLogName)
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if err := st.importBolt(); err != nil {
+			return nil, err
+		}
+		if err := st.compact(); err != nil {
+			return nil, fmt.Errorf("proxy: create inbound state %s: %w", path, err)
+		}
+		os.Remove(filepath.Join(dir, legacyStateName)) // its state is in the log now
+	case err != nil:
+		return nil, fmt.Errorf("proxy: read inbound state %s: %w", path, err)
+	default:
+		good, err := decodeInboundLog(data, st.apply)
 		if err != nil {
-			return err
+			return nil, fmt.Errorf("proxy: load inbound state %s: %w", path, err)
 		}
-		tb, err := tx.CreateBucketIfNotExists(bucketRetained)
-		if err != nil {
-			return err
+		if good < len(data) {
+			// A torn last write, or damage: what follows the last frame
+			// that checks is cut off, and the state is rewritten whole.
+			st.torn = len(data) - good
 		}
-		if err := rb.ForEach(func(k, v []byte) error {
-			sk, ok := parseSenderKey(k)
-			if !ok {
-				return nil // unreadable entry: forget it rather than fail start
-			}
-			w := &senderWindow{}
-			if err := w.UnmarshalBinary(v); err != nil {
-				return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", sk.sender, sk.group, sk.epoch, err)
-			}
-			st.windows[sk] = w
-			st.perGroup[sk.group]++
-			return nil
-		}); err != nil {
-			return err
+		if err := st.compact(); err != nil {
+			return nil, fmt.Errorf("proxy: rewrite inbound state %s: %w", path, err)
 		}
-		return tb.ForEach(func(k, v []byte) error {
-			if t, ok := parseTriple(v); ok {
-				st.retained[string(k)] = t
-			}
-			return nil
-		})
-	})
-	if err != nil {
-		db.Close()
-		return nil, fmt.Errorf("proxy: load inbound state %s: %w", path, err)
 	}
 	go st.syncLoop()
 	return st, nil
 }
 
-// syncLoop fsyncs the database every 10 ms when the sync policy is batch
-// and something was committed since the last fsync.
+// apply replays one logged change into the state.
+func (st *replayState) apply(r *inboundRecord) error {
+	switch r.kind {
+	case frameKindWindow:
+		w := st.window(r.key)
+		if err := w.UnmarshalBinary(r.window); err != nil {
+			return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", r.key.sender, r.key.group, r.key.epoch, err)
+		}
+	case frameKindAccepted:
+		w := st.window(r.key)
+		for i := 0; i < len(r.seqs); i += 8 {
+			w.Accept(binary.LittleEndian.Uint64(r.seqs[i:]))
+		}
+	case frameKindForget:
+		if _, ok := st.windows[r.key]; ok {
+			delete(st.windows, r.key)
+			st.perGroup[r.key.group]--
+		}
+	case frameKindRetained:
+		st.retained[string(r.topic)] = r.triple
+	}
+	return nil
+}
+
+// window returns k's window, created empty if it has none, and marks it
+// the most recently used.
+func (st *replayState) window(k senderKey) *senderWindow {
+	w := st.windows[k]
+	if w == nil {
+		w = &senderWindow{}
+		st.windows[k] = w
+		st.perGroup[k.group]++
+	}
+	st.clock++
+	w.lastUse = st.clock
+	return w
+}
+
+// snapshot encodes the whole state as a log.
+func (st *replayState) snapshot() []byte {
+	b := make([]byte, 0, len(inboundLogMagic)+len(st.windows)*256+len(st.retained)*64)
+	b = append(b, inboundLogMagic...)
+	for k, w := range st.windows {
+		b = appendWindowFrame(b, k, &w.ReplayWindow)
+	}
+	for topic, t := range st.retained {
+		b = appendRetainedFrame(b, topic, t)
+	}
+	return b
+}
+
+// compact replaces the log with one that holds the whole state.
+func (st *replayState) compact() error {
+	b := st.snapshot()
+	path := filepath.Join(st.dir, inboundLogName)
+	st.syncMu.Lock()
+	defer st.syncMu.Unlock()
+	if err := writeFileSynced(path, b); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	if st.log != nil {
+		st.log.Close()
+	}
+	st.log, st.size, st.base = f, int64(len(b)), int64(len(b))
+	st.unsynced.Store(false)
+	return nil
+}
+
+// syncLoop fsyncs the log every 10 ms when the sync policy is batch and
+// something was written since the last fsync.
 func (st *replayState) syncLoop() {
 	defer close(st.done)
 	if st.sync != queue.SyncBatch {
@@ -136,7 +206,9 @@ func (st *replayState) syncLoop() {
 			return
 		case <-t.C:
 			if st.unsynced.Swap(false) {
-				_ = st.db.Sync()
+				st.syncMu.Lock()
+				_ = st.log.Sync()
+				st.syncMu.Unlock()
 			}
 		}
 	}
@@ -145,8 +217,14 @@ func (st *replayState) syncLoop() {
 func (st *replayState) close() error {
 	close(st.stop)
 	<-st.done
-	_ = st.db.Sync()
-	return st.db.Close()
+	err := st.commit()
+	if e := st.log.Sync(); err == nil {
+		err = e
+	}
+	if e := st.log.Close(); err == nil {
+		err = e
+	}
+	return err
 }
 
 // accept runs the replay check for one opened envelope and marks it seen.
@@ -169,8 +247,30 @@ func (st *replayState) accept(group string, epoch uint32, sender, seq uint64) bo
 	}
 	st.clock++
 	w.lastUse = st.clock
-	st.dirtyW[k] = true
+	// Consecutive accepts of one sender share a frame.
+	if st.runAt < 0 || st.runKey != k || binary.LittleEndian.Uint16(st.pend[st.runCount():]) == maxAcceptRun {
+		st.closeRunLocked()
+		st.runAt, st.runKey = len(st.pend), k
+		st.pend = appendKey(beginFrame(st.pend, frameKindAccepted), k)
+		st.pend = append(st.pend, 0, 0)
+	}
+	c := st.runCount()
+	binary.LittleEndian.PutUint16(st.pend[c:], binary.LittleEndian.Uint16(st.pend[c:])+1)
+	st.pend = binary.LittleEndian.AppendUint64(st.pend, seq)
 	return true
+}
+
+// runCount is where the open accepted frame's count is in pend.
+func (st *replayState) runCount() int {
+	return st.runAt + inboundFrameHeader + 1 + 2 + len(st.runKey.group) + 12
+}
+
+// closeRunLocked completes the open accepted frame, if any.
+func (st *replayState) closeRunLocked() {
+	if st.runAt >= 0 {
+		endFrame(st.pend, st.runAt)
+		st.runAt = -1
+	}
 }
 
 func (st *replayState) evictLocked(group string) {
@@ -183,7 +283,8 @@ func (st *replayState) evictLocked(group string) {
 	}
 	delete(st.windows, oldest)
 	st.perGroup[group]--
-	st.dirtyW[oldest] = true // deleted on commit
+	st.closeRunLocked()
+	st.pend = appendForgetFrame(st.pend, oldest)
 }
 
 // freshRetained runs a retained value through the topic's register: a
@@ -203,94 +304,100 @@ func (st *replayState) freshRetained(topic string, t retainedTriple) bool {
 		}
 	}
 	st.retained[topic] = t
-	st.dirtyR[topic] = true
+	st.closeRunLocked()
+	st.pend = appendRetainedFrame(st.pend, topic, t)
 	return true
 }
 
-// commit writes every change since the last commit in one transaction.
+// commit writes every change since the last commit with one write(2), and
+// fsyncs it under sync: always. A log grown past twice its last snapshot
+// (and by minCompactGrowth) is compacted instead.
 func (st *replayState) commit() error {
+	st.commitMu.Lock()
+	defer st.commitMu.Unlock()
 	st.mu.Lock()
-	if len(st.dirtyW) == 0 && len(st.dirtyR) == 0 {
+	if len(st.pend) == 0 {
 		st.mu.Unlock()
 		return nil
 	}
-	type wr struct {
-		k []byte
-		v []byte
-	}
-	ws := make([]wr, 0, len(st.dirtyW))
-	for k := range st.dirtyW {
-		var v []byte
-		if w := st.windows[k]; w != nil {
-			v, _ = w.MarshalBinary()
+	st.closeRunLocked()
+	if grown := st.size + int64(len(st.pend)) - st.base; grown >= minCompactGrowth && grown >= st.base {
+		err := st.compact()
+		if err == nil {
+			st.pend = st.pend[:0]
 		}
-		ws = append(ws, wr{senderKeyBytes(k), v})
+		st.mu.Unlock()
+		return err
 	}
-	rs := make([]wr, 0, len(st.dirtyR))
-	for topic := range st.dirtyR {
-		rs = append(rs, wr{[]byte(topic), tripleBytes(st.retained[topic])})
-	}
-	clear(st.dirtyW)
-	clear(st.dirtyR)
+	st.pend, st.wbuf = st.wbuf[:0], st.pend
 	st.mu.Unlock()
 
+	n, err := st.log.Write(st.wbuf)
+	st.size += int64(n)
+	if err == nil && st.sync == queue.SyncAlways {
+		err = st.log.Sync()
+	}
+	if err != nil {
+		// Nothing of this batch is delivered. It stays pending, and the
+		// retry compacts: the new log holds the whole state, and a
+		// partly written frame is gone with the old one.
+		st.mu.Lock()
+		st.pend = append(st.wbuf, st.pend...)
+		st.base = -1 << 40
+		st.mu.Unlock()
+		return fmt.Errorf("proxy: write inbound state: %w", err)
+	}
 	st.unsynced.Store(true)
-	return st.db.Update(func(tx *bolt.Tx) error {
-		rb, tb := tx.Bucket(bucketReplay), tx.Bucket(bucketRetained)
-		for _, w := range ws {
-			var err error
-			if w.v == nil {
-				err = rb.Delete(w.k)
-			} else {
-				err = rb.Put(w.k, w.v)
-			}
-			if err != nil {
+	return nil
+}
+
+// legacyStateName is the bbolt store that held the inbound state before
+// inbound.log; its contents move into the log once.
+const legacyStateName = "inbound.db"
+
+// importBolt loads the state of a legacy inbound.db, if there is one.
+func (st *replayState) importBolt() error {
+	path := filepath.Join(st.dir, legacyStateName)
+	if _, err := os.Stat(path); err != nil {
+		return nil
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second, ReadOnly: true})
+	if err != nil {
+		return fmt.Errorf("proxy: open legacy inbound state %s: %w", path, err)
+	}
+	defer db.Close()
+	err = db.View(func(tx *bolt.Tx) error {
+		if rb := tx.Bucket([]byte("replay")); rb != nil {
+			if err := rb.ForEach(func(k, v []byte) error {
+				n := 0
+				if len(k) > 0 {
+					n = int(k[0])
+				}
+				if len(k) != 1+n+12 {
+					return fmt.Errorf("unreadable replay window key %x", k)
+				}
+				sk := senderKey{string(k[1 : 1+n]), binary.BigEndian.Uint32(k[1+n:]), binary.BigEndian.Uint64(k[5+n:])}
+				if err := st.window(sk).UnmarshalBinary(v); err != nil {
+					return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", sk.sender, sk.group, sk.epoch, err)
+				}
+				return nil
+			}); err != nil {
 				return err
 			}
 		}
-		for _, r := range rs {
-			if err := tb.Put(r.k, r.v); err != nil {
-				return err
-			}
+		if tb := tx.Bucket([]byte("retained")); tb != nil {
+			return tb.ForEach(func(k, v []byte) error {
+				if len(v) != 20 {
+					return fmt.Errorf("unreadable retained register of %q", k)
+				}
+				st.retained[string(k)] = retainedTriple{binary.BigEndian.Uint32(v), binary.BigEndian.Uint64(v[4:]), binary.BigEndian.Uint64(v[12:])}
+				return nil
+			})
 		}
 		return nil
 	})
-}
-
-func senderKeyBytes(k senderKey) []byte {
-	b := make([]byte, 0, 1+len(k.group)+12)
-	b = append(b, byte(len(k.group)))
-	b = append(b, k.group...)
-	b = binary.BigEndian.AppendUint32(b, k.epoch)
-	return binary.BigEndian.AppendUint64(b, k.sender)
-}
-
-func parseSenderKey(b []byte) (senderKey, bool) {
-	if len(b) < 1 || len(b) != 1+int(b[0])+12 {
-		return senderKey{}, false
+	if err != nil {
+		return fmt.Errorf("proxy: load legacy inbound state %s: %w", path, err)
 	}
-	n := int(b[0])
-	return senderKey{
-		group:  string(b[1 : 1+n]),
-		epoch:  binary.BigEndian.Uint32(b[1+n:]),
-		sender: binary.BigEndian.Uint64(b[5+n:]),
-	}, true
-}
-
-func tripleBytes(t retainedTriple) []byte {
-	b := make([]byte, 0, 20)
-	b = binary.BigEndian.AppendUint32(b, t.Epoch)
-	b = binary.BigEndian.AppendUint64(b, t.Sender)
-	return binary.BigEndian.AppendUint64(b, t.Seq)
-}
-
-func parseTriple(b []byte) (retainedTriple, bool) {
-	if len(b) != 20 {
-		return retainedTriple{}, false
-	}
-	return retainedTriple{
-		Epoch:  binary.BigEndian.Uint32(b),
-		Sender: binary.BigEndian.Uint64(b[4:]),
-		Seq:    binary.BigEndian.Uint64(b[12:]),
-	}, true
+	return nil
 }
