@@ -9,7 +9,11 @@
 #   protected  apps ─▶ smqtt sidecar ─▶ upstream ─▶ smqtt sidecar ─▶ apps (encrypted)
 #   chain      apps publish on A, subscribe on B
 #
-# and prints the median of each figure, and protected's figures as ratios to
+# The bridges carry only the chain's topics (chain/#): direct and protected
+# publish under bench/, so the upstream never copies their traffic to broker
+# B, which would load the upstream and the machine for them alone.
+#
+# It prints the median of each figure, and protected's figures as ratios to
 # direct and to chain. CPU: smqtt bench reports its own process (apps, and
 # the sidecars for protected); for chain the script adds the CPU that brokers
 # A and B used, so protected and chain both count apps + per-host brokers. The
@@ -98,7 +102,7 @@ bridge() { # bridge NAME DIRECTION
   cat <<EOF
 connection $1
 address 127.0.0.1:$up_port
-topic bench/# $2 $QOS
+topic chain/# $2 $QOS
 try_private true
 cleansession true
 bridge_protocol_version mqttv311
@@ -136,7 +140,7 @@ for run in $(seq "$RUNS"); do
   "$SMQTT" bench "${load[@]}" --upstream "tcp://127.0.0.1:$up_port" --topologies direct,protected |
     sed -n 's/^BENCH //p' >>"$results"
   before=$(cpu_ticks "$a_pid" "$b_pid")
-  line=$("$SMQTT" bench "${load[@]}" --topology chain \
+  line=$("$SMQTT" bench "${load[@]}" --topology chain --topic-root chain \
     --chain-pub "tcp://127.0.0.1:$a_port" --chain-sub "tcp://127.0.0.1:$b_port" | sed -n 's/^BENCH //p')
   after=$(cpu_ticks "$a_pid" "$b_pid")
   # Add the bridges' CPU to the chain's (per 1000 received).

@@ -45,6 +45,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	window := fs.Int("window", 1000, "publishes not yet acknowledged, per publisher")
 	timeout := fs.Duration("timeout", 60*time.Second, "each scenario stops after this long")
 	name := fs.String("name", "", "prefix of the scenario names (e.g. the upstream's name)")
+	topicRoot := fs.String("topic-root", "bench", "first level of the benchmark's topics (keeps it apart from other traffic on a shared broker)")
 	jsonOnly := fs.Bool("json", false, "print only the BENCH lines")
 	newLog := logFlags(fs, stderr, "error")
 	if err := parseFlags(fs, args); err != nil {
@@ -82,6 +83,8 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 		return fmt.Errorf("--window: %d must be at least 1", *window)
 	case *timeout <= 0:
 		return fmt.Errorf("--timeout: %s must be positive", *timeout)
+	case *topicRoot == "" || strings.ContainsAny(*topicRoot, "/+#\x00"):
+		return fmt.Errorf("--topic-root: %q is not one topic level", *topicRoot)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -96,7 +99,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	rs, err := bench.Suite(ctx, bench.Options{
 		Name: *name, UpstreamURL: *upstream, ChainPub: *chainPub, ChainSub: *chainSub,
 		QoS: byte(*qos), Size: *size, Messages: *messages, Publishers: *publishers, Subscribers: *subscribers,
-		Rate: *rate, Window: *window, Timeout: *timeout, Progress: stderr, Logger: log,
+		Rate: *rate, Window: *window, Timeout: *timeout, TopicRoot: *topicRoot, Progress: stderr, Logger: log,
 	}, topos, nil)
 	if !*jsonOnly && len(rs) > 0 {
 		if werr := bench.WriteTable(stdout, rs); werr != nil {

@@ -88,6 +88,10 @@ type Options struct {
 	Publishers  int     // default 1
 	Subscribers int     // each gets every message (default 1)
 	Rate        float64 // messages per second per publisher; 0: as fast as the path takes
+	// TopicRoot is the first level of every benchmark topic (default
+	// "bench"): scenarios sharing a broker with other traffic (a bridge
+	// that carries one root) keep apart by it.
+	TopicRoot string
 	// Window bounds the publishes not yet acknowledged per publisher
 	// (default 1000).
 	Window int
@@ -120,6 +124,9 @@ func (o *Options) defaults() error {
 	if o.Window == 0 {
 		o.Window = 1000
 	}
+	if o.TopicRoot == "" {
+		o.TopicRoot = "bench"
+	}
 	if o.Timeout == 0 {
 		o.Timeout = 60 * time.Second
 	}
@@ -144,6 +151,8 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("%w: messages, publishers, subscribers and window must be positive", ErrOptions)
 	case o.Rate < 0:
 		return fmt.Errorf("%w: rate %g is negative", ErrOptions, o.Rate)
+	case strings.ContainsAny(o.TopicRoot, "/+#\x00"):
+		return fmt.Errorf("%w: topic root %q is not one topic level", ErrOptions, o.TopicRoot)
 	}
 	return nil
 }
@@ -236,8 +245,8 @@ func (s *scenario) setup(ctx context.Context) error {
 	var rnd [4]byte
 	rand.Read(rnd[:])
 	s.run = hex.EncodeToString(rnd[:])
-	s.prefix = "bench/" + s.run
 	o := s.o
+	s.prefix = o.TopicRoot + "/" + s.run
 	switch o.Topology {
 	case Direct:
 		s.pubURL, s.subURL = o.UpstreamURL, o.UpstreamURL

@@ -79,6 +79,8 @@ func TestRunRefusesBadOptions(t *testing.T) {
 		{"qos 3", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", QoS: 3}},
 		{"payload below the header", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", Size: HeaderLen - 1}},
 		{"negative rate", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", Rate: -1}},
+		{"topic root of two levels", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", TopicRoot: "a/b"}},
+		{"wildcard topic root", Options{Topology: Direct, UpstreamURL: "tcp://127.0.0.1:1", TopicRoot: "#"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := Run(context.Background(), tc.o); !errors.Is(err, ErrOptions) {
@@ -191,5 +193,34 @@ func BenchmarkPath(b *testing.B) {
 				b.ReportMetric(r.CPUSPer1k*1e6/1000, "cpu-µs/msg")
 			})
 		}
+	}
+}
+
+// TestTopicRootNamesEveryTopic: with a topic root, every message the
+// scenario puts on the broker is under it, so that a bridge carrying
+// another root (the Mosquitto comparison's chain) never carries it.
+func TestTopicRootNamesEveryTopic(t *testing.T) {
+	up, err := embedded.Start(embedded.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	r, err := Run(context.Background(), Options{Topology: Protected, UpstreamURL: up.URL(), QoS: 1, Messages: 200, TopicRoot: "elsewhere", Timeout: 20 * time.Second, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Received != 200 || r.Lost != 0 {
+		t.Fatalf("received %d, lost %d; want 200, 0", r.Received, r.Lost)
+	}
+	benchTopics := 0
+	for _, m := range up.Spy.All() {
+		if strings.HasPrefix(m.Topic, "elsewhere/") {
+			benchTopics++
+		} else if strings.HasPrefix(m.Topic, "bench/") {
+			t.Fatalf("a message on %q, outside the topic root", m.Topic)
+		}
+	}
+	if benchTopics < 200 {
+		t.Fatalf("%d messages under the topic root on the broker, want at least 200", benchTopics)
 	}
 }
