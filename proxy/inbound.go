@@ -12,7 +12,8 @@ package proxy
 //  3. Replay: a live message must be new in its sender's sliding window.
 //     A retained delivery (a stored value upstream replays on subscribe, or a
 //     re-sealed one) goes through the topic's retained register instead.
-//  4. One bbolt transaction stores the batch's window and register changes.
+//  4. One write(2) appends the batch's window and register changes to the
+//     inbound log (state.go, inboundlog.go), fsynced by the sync policy.
 //  5. Deliver to the local subscribers (deliver.go; never forwarded
 //     upstream again), then acknowledge upstream.
 
