@@ -37,6 +37,7 @@ type Options struct {
 type Broker struct {
 	opts   Options
 	server *mqtt.Server
+	ln     net.Listener
 	addr   string
 	Spy    *Spy
 }
@@ -89,7 +90,7 @@ func (b *Broker) start() error {
 	if err := s.Serve(); err != nil {
 		return err
 	}
-	b.server, b.addr = s, nl.Addr().String()
+	b.server, b.ln, b.addr = s, nl, nl.Addr().String()
 	b.opts.Addr = b.addr
 	return nil
 }
@@ -111,6 +112,11 @@ func (b *Broker) Close() error {
 	// at that very moment (see proxy.Sidecar's closeLocalBroker).
 	srv := b.server
 	b.server = nil
+	// mochi 2.7.9 disconnects its clients before it closes the listener, so
+	// a client reconnecting at once is accepted and then neither served nor
+	// closed: it would wait out its whole connect timeout. A broker that
+	// stops accepts nothing more: the listener goes first.
+	b.ln.Close()
 	done := make(chan error, 1)
 	go func() { done <- srv.Close() }()
 	select {
