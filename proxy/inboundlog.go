@@ -35,8 +35,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"os"
-	"path/filepath"
 
 	"github.com/smqtt/smqtt/envelope"
 )
@@ -66,8 +64,8 @@ var inboundCRC = crc32.MakeTable(crc32.Castagnoli)
 // errInboundLog reports an inbound log that cannot be read at all.
 var errInboundLog = errors.New("malformed inbound log")
 
-// inboundRecord is one decoded frame. Group, topic and window alias the
-// decoded buffer.
+// inboundRecord is one decoded frame. Its byte slices alias the decoded
+// buffer.
 type inboundRecord struct {
 	kind   byte
 	key    senderKey
@@ -175,27 +173,7 @@ func decodeInboundLog(data []byte, apply func(*inboundRecord) error) (int, error
 func parseInboundFrame(body []byte, r *inboundRecord) bool {
 	*r = inboundRecord{kind: body[0]}
 	rest := body[1:]
-	switch r.kind {
-	case frameKindWindow, frameKindAccepted, frameKindForget:
-		var ok bool
-		if r.key, rest, ok = parseKey(rest); !ok {
-			return false
-		}
-		switch r.kind {
-		case frameKindWindow:
-			r.window = rest
-			return true
-		case frameKindAccepted:
-			if len(rest) < 2 {
-				return false
-			}
-			n := int(binary.LittleEndian.Uint16(rest))
-			r.seqs = rest[2:]
-			return n > 0 && len(r.seqs) == 8*n
-		default:
-			return len(rest) == 0
-		}
-	case frameKindRetained:
+	if r.kind == frameKindRetained {
 		if len(rest) < 2 {
 			return false
 		}
@@ -212,37 +190,23 @@ func parseInboundFrame(body []byte, r *inboundRecord) bool {
 		}
 		return true
 	}
+	var ok bool
+	if r.key, rest, ok = parseKey(rest); !ok {
+		return false
+	}
+	switch r.kind {
+	case frameKindWindow:
+		r.window = rest
+		return true
+	case frameKindAccepted:
+		if len(rest) < 2 {
+			return false
+		}
+		n := int(binary.LittleEndian.Uint16(rest))
+		r.seqs = rest[2:]
+		return n > 0 && len(r.seqs) == 8*n
+	case frameKindForget:
+		return len(rest) == 0
+	}
 	return false
-}
-
-// writeFileSynced writes data to path through path.tmp: written, fsynced,
-// renamed, and the directory fsynced, so that path is the old file or the
-// new one, whole.
-func writeFileSynced(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if e := f.Close(); err == nil {
-		err = e
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	d.Close()
-	return err
 }

@@ -128,7 +128,7 @@ func New(opts Options) (*Sidecar, error) {
 		return nil, err
 	}
 	if st.torn > 0 {
-		log.Warn("the inbound state's last write was incomplete (a crash); cut off", "bytes", st.torn)
+		log.Warn("the inbound state log ended in an incomplete or damaged frame (a crash mid-write, or a damaged disk); cut off there", "file", filepath.Join(opts.DataDir, inboundLogName), "bytes", st.torn)
 	}
 	sc := &Sidecar{
 		opts:     opts,

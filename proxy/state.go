@@ -14,6 +14,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/internal/durable"
 	"github.com/smqtt/smqtt/proxy/queue"
 )
 
@@ -48,11 +49,12 @@ type retainedTriple struct {
 // once per inbound batch, before the batch is delivered and acknowledged
 // upstream.
 type replayState struct {
-	dir  string
-	sync queue.Sync
-	log  *os.File
-	size int64 // bytes in the log
-	base int64 // its size right after the last compaction
+	dir     string
+	sync    queue.Sync
+	log     *os.File
+	size    int64 // bytes in the log
+	base    int64 // its size right after the last compaction
+	rewrite bool  // a write failed: the next commit compacts
 
 	mu       sync.Mutex
 	clock    uint64
@@ -62,6 +64,7 @@ type replayState struct {
 	pend     []byte    // frames of changes not yet written
 	runKey   senderKey // the key of the accepted frame still open at pend's end
 	runAt    int       // where that frame starts in pend; -1 if none is open
+	runSeqs  int       // where its sequence numbers start in pend
 	wbuf     []byte    // pend's contents while commit writes them
 	torn     int       // bytes cut off the log's end when it was loaded
 
@@ -123,11 +126,13 @@ func (st *replayState) apply(r *inboundRecord) error {
 	switch r.kind {
 	case frameKindWindow:
 		w := st.window(r.key)
+		st.touch(w)
 		if err := w.UnmarshalBinary(r.window); err != nil {
 			return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", r.key.sender, r.key.group, r.key.epoch, err)
 		}
 	case frameKindAccepted:
 		w := st.window(r.key)
+		st.touch(w)
 		for i := 0; i < len(r.seqs); i += 8 {
 			w.Accept(binary.LittleEndian.Uint64(r.seqs[i:]))
 		}
@@ -142,8 +147,7 @@ func (st *replayState) apply(r *inboundRecord) error {
 	return nil
 }
 
-// window returns k's window, created empty if it has none, and marks it
-// the most recently used.
+// window returns k's window, created empty if it has none.
 func (st *replayState) window(k senderKey) *senderWindow {
 	w := st.windows[k]
 	if w == nil {
@@ -151,9 +155,13 @@ func (st *replayState) window(k senderKey) *senderWindow {
 		st.windows[k] = w
 		st.perGroup[k.group]++
 	}
+	return w
+}
+
+// touch marks w the most recently used window (eviction takes the least).
+func (st *replayState) touch(w *senderWindow) {
 	st.clock++
 	w.lastUse = st.clock
-	return w
 }
 
 // snapshot encodes the whole state as a log.
@@ -172,20 +180,16 @@ func (st *replayState) snapshot() []byte {
 // compact replaces the log with one that holds the whole state.
 func (st *replayState) compact() error {
 	b := st.snapshot()
-	path := filepath.Join(st.dir, inboundLogName)
 	st.syncMu.Lock()
 	defer st.syncMu.Unlock()
-	if err := writeFileSynced(path, b); err != nil {
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
+	f, err := durable.Replace(filepath.Join(st.dir, inboundLogName), b)
 	if err != nil {
 		return err
 	}
 	if st.log != nil {
 		st.log.Close()
 	}
-	st.log, st.size, st.base = f, int64(len(b)), int64(len(b))
+	st.log, st.size, st.base, st.rewrite = f, int64(len(b)), int64(len(b)), false
 	st.unsynced.Store(false)
 	return nil
 }
@@ -238,36 +242,28 @@ func (st *replayState) accept(group string, epoch uint32, sender, seq uint64) bo
 		if st.perGroup[group] >= maxSendersPerGroup {
 			st.evictLocked(group)
 		}
-		w = &senderWindow{}
-		st.windows[k] = w
-		st.perGroup[group]++
+		w = st.window(k)
 	}
 	if !w.Accept(seq) {
 		return false
 	}
-	st.clock++
-	w.lastUse = st.clock
-	// Consecutive accepts of one sender share a frame.
-	if st.runAt < 0 || st.runKey != k || binary.LittleEndian.Uint16(st.pend[st.runCount():]) == maxAcceptRun {
+	st.touch(w)
+	// Consecutive accepts of one sender share a frame; its count is
+	// written when it is closed.
+	if st.runAt < 0 || st.runKey != k || (len(st.pend)-st.runSeqs)/8 == maxAcceptRun {
 		st.closeRunLocked()
 		st.runAt, st.runKey = len(st.pend), k
-		st.pend = appendKey(beginFrame(st.pend, frameKindAccepted), k)
-		st.pend = append(st.pend, 0, 0)
+		st.pend = append(appendKey(beginFrame(st.pend, frameKindAccepted), k), 0, 0)
+		st.runSeqs = len(st.pend)
 	}
-	c := st.runCount()
-	binary.LittleEndian.PutUint16(st.pend[c:], binary.LittleEndian.Uint16(st.pend[c:])+1)
 	st.pend = binary.LittleEndian.AppendUint64(st.pend, seq)
 	return true
-}
-
-// runCount is where the open accepted frame's count is in pend.
-func (st *replayState) runCount() int {
-	return st.runAt + inboundFrameHeader + 1 + 2 + len(st.runKey.group) + 12
 }
 
 // closeRunLocked completes the open accepted frame, if any.
 func (st *replayState) closeRunLocked() {
 	if st.runAt >= 0 {
+		binary.LittleEndian.PutUint16(st.pend[st.runSeqs-2:], uint16((len(st.pend)-st.runSeqs)/8))
 		endFrame(st.pend, st.runAt)
 		st.runAt = -1
 	}
@@ -316,15 +312,16 @@ func (st *replayState) commit() error {
 	st.commitMu.Lock()
 	defer st.commitMu.Unlock()
 	st.mu.Lock()
-	if len(st.pend) == 0 {
+	if len(st.pend) == 0 && !st.rewrite {
 		st.mu.Unlock()
 		return nil
 	}
 	st.closeRunLocked()
-	if grown := st.size + int64(len(st.pend)) - st.base; grown >= minCompactGrowth && grown >= st.base {
+	if grown := st.size + int64(len(st.pend)) - st.base; st.rewrite || grown >= minCompactGrowth && grown >= st.base {
+		st.pend = st.pend[:0] // the snapshot holds it
 		err := st.compact()
-		if err == nil {
-			st.pend = st.pend[:0]
+		if err != nil {
+			st.rewrite = true
 		}
 		st.mu.Unlock()
 		return err
@@ -338,12 +335,11 @@ func (st *replayState) commit() error {
 		err = st.log.Sync()
 	}
 	if err != nil {
-		// Nothing of this batch is delivered. It stays pending, and the
-		// retry compacts: the new log holds the whole state, and a
-		// partly written frame is gone with the old one.
+		// Nothing of this batch is delivered. The retry compacts: the new
+		// log holds the whole state, this batch included, and a partly
+		// written frame is gone with the old one.
 		st.mu.Lock()
-		st.pend = append(st.wbuf, st.pend...)
-		st.base = -1 << 40
+		st.rewrite = true
 		st.mu.Unlock()
 		return fmt.Errorf("proxy: write inbound state: %w", err)
 	}
@@ -377,7 +373,9 @@ func (st *replayState) importBolt() error {
 					return fmt.Errorf("unreadable replay window key %x", k)
 				}
 				sk := senderKey{string(k[1 : 1+n]), binary.BigEndian.Uint32(k[1+n:]), binary.BigEndian.Uint64(k[5+n:])}
-				if err := st.window(sk).UnmarshalBinary(v); err != nil {
+				w := st.window(sk)
+				st.touch(w)
+				if err := w.UnmarshalBinary(v); err != nil {
 					return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", sk.sender, sk.group, sk.epoch, err)
 				}
 				return nil

@@ -50,7 +50,6 @@ const (
 	segmentSuffix = ".seg"
 	segmentDigits = 20
 	ackLogName    = "acks"
-	ackTmpName    = "acks.tmp"
 	lockName      = "LOCK"
 )
 

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/smqtt/smqtt/internal/durable"
 )
 
 // Writing and syncing the files, in the order a record's bytes go:
@@ -285,21 +287,9 @@ func (q *Queue) persistAcks(acks []ackRange, replace, fsync bool) error {
 // replaceAckLog writes a new ack log holding acks and renames it over the
 // old one.
 func (q *Queue) replaceAckLog(acks []ackRange) error {
-	tmp := filepath.Join(q.opts.Dir, ackTmpName)
 	buf := appendAckEntries(append(make([]byte, 0, magicLen+len(acks)*ackEntryLen), ackMagic...), acks)
-	err := writeFileSync(tmp, buf)
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(q.opts.Dir, ackLogName))
-	}
-	if err == nil {
-		err = syncDir(q.opts.Dir)
-	}
-	var f *os.File
-	if err == nil {
-		f, err = os.OpenFile(filepath.Join(q.opts.Dir, ackLogName), os.O_WRONLY|os.O_APPEND, 0)
-	}
+	f, err := durable.Replace(filepath.Join(q.opts.Dir, ackLogName), buf)
 	if err != nil {
-		os.Remove(tmp)
 		return fmt.Errorf("queue: rewriting ack log: %w", err)
 	}
 	if q.ackLog != nil {
@@ -310,18 +300,6 @@ func (q *Queue) replaceAckLog(acks []ackRange) error {
 	q.ackCompacted = q.ackLogSize
 	q.ackBroken = false
 	return nil
-}
-
-func writeFileSync(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	return errors.Join(err, f.Close())
 }
 
 // syncSealed fsyncs the segments that SyncNone left unsynced when they
@@ -348,14 +326,8 @@ func (q *Queue) syncSealed() error {
 // syncDir fsyncs a directory, making file creations, renames and removals
 // in it durable.
 func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("queue: opening directory to sync it: %w", err)
-	}
-	err = d.Sync()
-	d.Close()
-	if err != nil {
-		return fmt.Errorf("queue: syncing directory %s: %w", dir, err)
+	if err := durable.SyncDir(dir); err != nil {
+		return fmt.Errorf("queue: %w", err)
 	}
 	return nil
 }
