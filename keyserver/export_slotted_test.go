@@ -1,10 +1,6 @@
 package keyserver
 
-import (
-	"time"
-
-	"github.com/smqtt/smqtt/gkd"
-)
+import "time"
 
 // What slotted_test.go needs from inside the package: the slot the key
 // server's own clock is in, which is what a join's grant starts from (a
@@ -17,7 +13,7 @@ func (s *Server) CurrentSlot(name string) (uint64, bool) {
 	defer s.mu.Unlock()
 	for _, g := range s.groups {
 		if g.cfg.Name == name && g.rec.Scheme == "slotted" {
-			sg := gkd.SlotGrant{Origin: time.UnixMilli(g.rec.SlotOrigin), Slot: time.Duration(g.rec.SlotMS) * time.Millisecond, Depth: uint8(g.rec.SlotDepth)}
+			sg := g.clock()
 			return sg.SlotAt(time.Now())
 		}
 	}

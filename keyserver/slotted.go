@@ -83,14 +83,19 @@ func loadSlotted(gc GroupConfig, rec *groupRecord) error {
 	return nil
 }
 
+// clock returns the group's slot clock: a grant of no slots yet.
+func (g *group) clock() gkd.SlotGrant {
+	return gkd.SlotGrant{
+		Origin: time.UnixMilli(g.rec.SlotOrigin), Slot: time.Duration(g.rec.SlotMS) * time.Millisecond,
+		Depth: uint8(g.rec.SlotDepth), Skew: uint8(g.cfg.SkewSlots),
+	}
+}
+
 // grant returns the slot grant of a member joining now, creating the roots
 // of the trees it reaches (the caller commits the record).
 func (g *group) grant(now time.Time) (gkd.SlotGrant, error) {
 	rec := g.rec
-	sg := gkd.SlotGrant{
-		Origin: time.UnixMilli(rec.SlotOrigin), Slot: time.Duration(rec.SlotMS) * time.Millisecond,
-		Depth: uint8(rec.SlotDepth), Skew: uint8(g.cfg.SkewSlots),
-	}
+	sg := g.clock()
 	first, ok := sg.SlotAt(now)
 	if !ok {
 		return gkd.SlotGrant{}, fmt.Errorf("clock is before the group's origin %v", sg.Origin)
