@@ -41,7 +41,8 @@ const (
 )
 
 // Flags are the per-message flag bits of the header. Bits other than
-// FlagRetain and FlagReseal are reserved and must be zero.
+// FlagRetain, FlagReseal, FlagWill and FlagProps are reserved and must be
+// zero.
 type Flags uint8
 
 const (
@@ -53,14 +54,22 @@ const (
 	// Receivers update their retained store but do not deliver it again.
 	// FlagReseal is only valid together with FlagRetain.
 	FlagReseal Flags = 1 << 1
+	// FlagWill marks an MQTT Will: sealed when the application connected,
+	// published by the broker when its connection ends. Receivers check
+	// Wills against a register of their own instead of the sliding window
+	// (a Will's seq is older than everything its sender sealed since).
+	FlagWill Flags = 1 << 2
+	// FlagProps says the plaintext starts with sealed MQTT 5 properties
+	// (see [AppendProps] and [SplitProps]).
+	FlagProps Flags = 1 << 3
 
-	knownFlags = FlagRetain | FlagReseal
+	knownFlags = FlagRetain | FlagReseal | FlagWill | FlagProps
 )
 
 // Valid reports whether f has no reserved bits set and FlagReseal, if set,
-// comes with FlagRetain.
+// comes with FlagRetain and without FlagWill.
 func (f Flags) Valid() bool {
-	return f&^knownFlags == 0 && (f&FlagReseal == 0 || f&FlagRetain != 0)
+	return f&^knownFlags == 0 && (f&FlagReseal == 0 || f&FlagRetain != 0 && f&FlagWill == 0)
 }
 
 // Retain reports whether FlagRetain is set.
@@ -68,6 +77,12 @@ func (f Flags) Retain() bool { return f&FlagRetain != 0 }
 
 // Reseal reports whether FlagReseal is set.
 func (f Flags) Reseal() bool { return f&FlagReseal != 0 }
+
+// Will reports whether FlagWill is set.
+func (f Flags) Will() bool { return f&FlagWill != 0 }
+
+// Props reports whether FlagProps is set.
+func (f Flags) Props() bool { return f&FlagProps != 0 }
 
 // String returns the flags as "retain|reseal", "retain", "0", or with a hex
 // remainder for reserved bits, for logs.
@@ -78,6 +93,12 @@ func (f Flags) String() string {
 	}
 	if f.Reseal() {
 		parts = append(parts, "reseal")
+	}
+	if f.Will() {
+		parts = append(parts, "will")
+	}
+	if f.Props() {
+		parts = append(parts, "props")
 	}
 	if rest := f &^ knownFlags; rest != 0 {
 		parts = append(parts, fmt.Sprintf("0x%02x", uint8(rest)))
@@ -135,7 +156,7 @@ func Reason(err error) string {
 // Header is the cleartext, authenticated header of an envelope.
 type Header struct {
 	Version uint8  // Version for every envelope this package seals
-	Flags   Flags  // FlagRetain, FlagReseal
+	Flags   Flags  // FlagRetain, FlagReseal, FlagWill, FlagProps
 	Epoch   uint32 // opaque key id: the key ring maps (group, epoch) to a GroupKey
 	Sender  uint64 // the sealing process's sender id, fresh per process start
 	Seq     uint64 // per-sender sequence number, from 1, never 0, never wraps

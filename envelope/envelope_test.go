@@ -211,9 +211,10 @@ func TestSealRejectsInvalidArguments(t *testing.T) {
 	}{
 		{"empty topic", "", 0},
 		{"topic of 65536 bytes", strings.Repeat("t", 65536), 0},
-		{"reserved flag bit 2", testTopic, 1 << 2},
+		{"reserved flag bit 4", testTopic, 1 << 4},
 		{"reserved flag bit 7", testTopic, 1 << 7},
 		{"reseal without retain", testTopic, envelope.FlagReseal},
+		{"reseal of a Will", testTopic, envelope.FlagRetain | envelope.FlagReseal | envelope.FlagWill},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -292,7 +293,9 @@ func TestOpenRejectsAttacks(t *testing.T) {
 	add("seq changed to another valid seq", withByte(msg, 21, msg[21]^1), envelope.ErrAuth)
 	add("version 2", withByte(msg, 0, 2), envelope.ErrVersion)
 	add("version 0", withByte(msg, 0, 0), envelope.ErrVersion)
-	for bit := 2; bit < 8; bit++ {
+	add("will flag set by the broker", withByte(msg, 1, byte(envelope.FlagWill)), envelope.ErrAuth)
+	add("props flag set by the broker", withByte(msg, 1, byte(envelope.FlagProps)), envelope.ErrAuth)
+	for bit := 4; bit < 8; bit++ {
 		add(fmt.Sprintf("unknown flag bit %d", bit), withByte(msg, 1, 1<<bit), envelope.ErrMalformed)
 	}
 	add("reseal without retain", withByte(msg, 1, byte(envelope.FlagReseal)), envelope.ErrMalformed)
@@ -463,6 +466,7 @@ func TestParseHeaderRoundTrip(t *testing.T) {
 func TestFlagsString(t *testing.T) {
 	for f, want := range map[envelope.Flags]string{
 		0: "0", envelope.FlagRetain: "retain", envelope.FlagRetain | envelope.FlagReseal: "retain|reseal", 0x81: "retain|0x80",
+		envelope.FlagRetain | envelope.FlagWill | envelope.FlagProps: "retain|will|props",
 	} {
 		if got := f.String(); got != want {
 			t.Errorf("Flags(0x%02x).String() = %q, want %q", uint8(f), got, want)

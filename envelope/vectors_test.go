@@ -43,10 +43,14 @@ type vector struct {
 	Topic     string `json:"topic"`
 	Flags     uint8  `json:"flags"`
 	Plaintext string `json:"plaintext"`
-	Subkey    string `json:"subkey"`
-	Nonce     string `json:"nonce"`
-	AD        string `json:"ad"`
-	Envelope  string `json:"envelope"`
+	// Props and Payload are set for vectors with FlagProps: the plaintext
+	// is varint len(props) ‖ props ‖ payload (section 1.9).
+	Props    string `json:"props,omitempty"`
+	Payload  string `json:"payload,omitempty"`
+	Subkey   string `json:"subkey"`
+	Nonce    string `json:"nonce"`
+	AD       string `json:"ad"`
+	Envelope string `json:"envelope"`
 }
 
 type vectorFile struct {
@@ -78,6 +82,17 @@ func vectorInputs() []vector {
 			Topic: "secure/door/state", Flags: uint8(FlagRetain | FlagReseal), Plaintext: hex.EncodeToString([]byte("open"))},
 		{Name: "largest ids, UTF-8 names", Key: key2, Group: "usine-été", Epoch: 0xfffffffe, Sender: 0xffffffffffffffff, Seq: 0xffffffffffffffff,
 			Topic: "secure/été/ligne-3", Flags: 0, Plaintext: hex.EncodeToString(long)},
+		// MQTT 5 properties, in wire encoding: payload format indicator 1,
+		// content type "application/json", response topic "secure/reply/7",
+		// correlation data 0x2a2b, user properties ("b","2"), ("a","1").
+		{Name: "MQTT 5 properties sealed", Key: key1, Group: "demo", Epoch: 1, Sender: 0x0102030405060708, Seq: 4,
+			Topic: "secure/room1/setpoint", Flags: uint8(FlagProps),
+			Props: "0101" + "030010" + hex.EncodeToString([]byte("application/json")) + "08000e" + hex.EncodeToString([]byte("secure/reply/7")) +
+				"0900022a2b" + "260001620001" + "32" + "260001610001" + "31",
+			Payload: hex.EncodeToString([]byte(`{"sp":19}`))},
+		{Name: "Will with properties, retained", Key: key1, Group: "demo", Epoch: 1, Sender: 0x0102030405060708, Seq: 5,
+			Topic: "secure/presence/a", Flags: uint8(FlagRetain | FlagWill | FlagProps),
+			Props: "260006" + hex.EncodeToString([]byte("reason")) + "0004" + hex.EncodeToString([]byte("lost")), Payload: hex.EncodeToString([]byte("offline"))},
 	}
 }
 
@@ -85,6 +100,13 @@ func vectorInputs() []vector {
 // using the standard library's primitives and none of this package's code.
 func referenceSeal(t *testing.T, v vector) vector {
 	t.Helper()
+	if v.Props != "" || v.Payload != "" {
+		props := mustHex(t, v.Props)
+		if len(props) > 127 {
+			t.Fatalf("vector %q: the reference encodes property lengths below 128 only", v.Name)
+		}
+		v.Plaintext = hex.EncodeToString(append(append([]byte{byte(len(props))}, props...), mustHex(t, v.Payload)...))
+	}
 	key := mustHex(t, v.Key)
 	info := []byte("smqtt/v1 data")
 	info = append(info, byte(len(v.Group)))
@@ -207,6 +229,15 @@ func TestVectors(t *testing.T) {
 			if h != want || !bytes.Equal(pt, plaintext) {
 				t.Errorf("Open = %+v, %x; want %+v, %x", h, pt, want, plaintext)
 			}
+			if flags.Props() {
+				props, payload, err := SplitProps(pt)
+				if err != nil || hex.EncodeToString(props) != v.Props || hex.EncodeToString(payload) != v.Payload {
+					t.Errorf("SplitProps = %x, %x, %v; want %s, %s", props, payload, err, v.Props, v.Payload)
+				}
+				if again := AppendProps(nil, props, payload); !bytes.Equal(again, pt) {
+					t.Errorf("AppendProps = %x, want %x", again, pt)
+				}
+			}
 		})
 	}
 	if !sawRetained || !sawTombstone {
@@ -291,7 +322,11 @@ func renderVectors(vs []vector) string {
 		case utf8.Valid(pt):
 			field("plaintext", fmt.Sprintf("%q", pt))
 		default:
-			field("plaintext", v.Plaintext)
+			hexLines(&b, "plaintext", v.Plaintext)
+		}
+		if v.Props != "" {
+			hexLines(&b, "props", v.Props)
+			field("payload", fmt.Sprintf("%q", mustUnhex(v.Payload)))
 		}
 		field("subkey", v.Subkey)
 		field("nonce", v.Nonce)
@@ -300,6 +335,14 @@ func renderVectors(vs []vector) string {
 		b.WriteString("```\n\n")
 	}
 	return b.String()
+}
+
+func mustUnhex(s string) []byte {
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		panic(err)
+	}
+	return b
 }
 
 // hexLines writes a long hex string 64 digits (32 bytes) to a line.
