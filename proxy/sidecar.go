@@ -32,8 +32,23 @@ type Keys interface {
 	envelope.KeyLookup
 }
 
+// Mode is how a sidecar relays its apps to upstream.
+type Mode string
+
+const (
+	// ModeSession gives every local app connection its own upstream
+	// session (same client id, protocol version, Will, credentials):
+	// sessions, acknowledgements and MQTT 5 features are the broker's.
+	ModeSession Mode = "session"
+	// ModeBridge relays every app over one shared upstream connection,
+	// with a local broker and a durable store-and-forward queue.
+	ModeBridge Mode = "bridge"
+)
+
 // Options configure a Sidecar.
 type Options struct {
+	// Mode selects the relay (ModeBridge when empty, for now).
+	Mode      Mode
 	Listen    []string    // tcp://host:port, ssl://host:port, ws://host:port, wss://host:port, unix:///path
 	ListenTLS *tls.Config // for ssl:// and wss:// listeners
 	Users     map[string]string
