@@ -11,12 +11,17 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Sidecar is the "sidecar:" section: the local broker that unmodified apps
 // connect to, the upstream broker it relays to, and which topics it protects
 // with which group's key.
 type Sidecar struct {
+	// Mode is how apps are relayed upstream (default session).
+	Mode SidecarMode `yaml:"mode"`
+	// Session configures session mode.
+	Session Session `yaml:"session"`
 	// Identity is the sidecar's private key file (from smqtt keygen). It is
 	// required when a keyserver section is present.
 	Identity string `yaml:"identity"`
@@ -68,6 +73,35 @@ type Auth struct {
 type User struct {
 	Username string `yaml:"username"`
 	Password string `yaml:"password"`
+	// Upstream, when set, is what this user's apps log in upstream with
+	// in session mode, instead of the username and password they sent.
+	Upstream *Credentials `yaml:"upstream"`
+}
+
+// Credentials are an MQTT username and password.
+type Credentials struct {
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+}
+
+// SidecarMode is how a sidecar relays its apps upstream.
+type SidecarMode string
+
+const (
+	// ModeSession: one upstream session per app connection, with the app's
+	// client id, protocol version, Will and credentials.
+	ModeSession SidecarMode = "session"
+	// ModeBridge: one shared upstream connection, a local broker and a
+	// durable store-and-forward queue.
+	ModeBridge SidecarMode = "bridge"
+)
+
+// Session is the "sidecar.session:" section.
+type Session struct {
+	// ClientIDPrefix is put before every app's client id upstream, so that
+	// one host's apps cannot take over another's sessions and the broker's
+	// ACLs can tell hosts apart.
+	ClientIDPrefix string `yaml:"client_id_prefix"`
 }
 
 // KeyserverLink is how a sidecar trusts and reaches the key server.
@@ -130,6 +164,9 @@ const (
 )
 
 func (s *Sidecar) setDefaults(isSet func(string) bool) {
+	if !isSet("sidecar.mode") {
+		s.Mode = ModeSession
+	}
 	if !isSet("sidecar.listen") {
 		s.Listen = []string{DefaultListen}
 	}
@@ -185,6 +222,18 @@ func (s *Sidecar) resolvePaths(baseDir string) {
 }
 
 func (s *Sidecar) validate(v *validator) {
+	switch s.Mode {
+	case ModeSession, ModeBridge:
+	default:
+		v.errorf("sidecar.mode", "unknown mode %q (want session or bridge)", s.Mode)
+	}
+	if p := s.Session.ClientIDPrefix; p != "" {
+		if s.Mode == ModeBridge {
+			v.errorf("sidecar.session.client_id_prefix", "applies to mode session only (the mode is bridge)")
+		} else if err := validClientIDPrefix(p); err != nil {
+			v.wrap("sidecar.session.client_id_prefix", err)
+		}
+	}
 	switch {
 	case s.Identity != "":
 		checkFile(v, "sidecar.identity", s.Identity)
@@ -230,6 +279,14 @@ func (s *Sidecar) validate(v *validator) {
 		for j := range i {
 			if s.Auth.Users[j].Username == u.Username {
 				v.errorf(key+".username", "user %q listed twice (also at sidecar.auth.users[%d])", u.Username, j)
+			}
+		}
+		if up := u.Upstream; up != nil {
+			switch {
+			case s.Mode == ModeBridge:
+				v.errorf(key+".upstream", "applies to mode session only (the mode is bridge: every app shares sidecar.upstream's credentials)")
+			case up.Password != "" && up.Username == "":
+				v.errorf(key+".upstream.password", "set without a username")
 			}
 		}
 	}
@@ -304,6 +361,20 @@ func (s *Sidecar) validate(v *validator) {
 	if s.MetricsListen != "" {
 		checkAddress(v, "sidecar.metrics_listen", s.MetricsListen)
 	}
+}
+
+// validClientIDPrefix checks a client id prefix: UTF-8 without U+0000 or
+// wildcards, short enough to leave room for the app's id.
+func validClientIDPrefix(p string) error {
+	switch {
+	case !utf8.ValidString(p) || strings.ContainsRune(p, 0):
+		return fmt.Errorf("%q is not a valid MQTT string", p)
+	case strings.ContainsAny(p, "+#/"):
+		return fmt.Errorf("%q contains '+', '#' or '/'; brokers' ACL patterns take client ids as topic levels", p)
+	case len(p) > 64:
+		return fmt.Errorf("%d bytes, longer than 64", len(p))
+	}
+	return nil
 }
 
 // Warnings lists settings that are valid but weaken the sidecar's security,

@@ -11,6 +11,7 @@ import (
 	"github.com/smqtt/smqtt/gkd"
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
+	"github.com/smqtt/smqtt/proxy"
 )
 
 // TestUpdateLeaveThreeWays: in an UPDATE group, members that leave by a
@@ -211,6 +212,7 @@ func TestQueuedMessagePastSendGraceIsResealed(t *testing.T) {
 	fl, err := fleet.New(fleet.Options{
 		UpstreamURL: up.URL(), UpstreamAddr: up.Addr(), Dir: t.TempDir(), Members: []string{"a", "b", "c"},
 		RekeyLead: 100 * time.Millisecond, SendGrace: 200 * time.Millisecond,
+		Mode: proxy.ModeBridge, // the queue that holds a message across a rekey is bridge mode's
 	})
 	must(t, err)
 	t.Cleanup(fl.Close)

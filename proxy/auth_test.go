@@ -10,16 +10,18 @@ import (
 // TestLocalAuth: with users configured, the local broker admits only those
 // users with their passwords.
 func TestLocalAuth(t *testing.T) {
-	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
-	a := r.sidecar(uniq("a"), "", func(o *proxy.Options) { o.Users = map[string]string{"meter": "s3cret"} })
-	if _, err := mqtttest.Connect(localURL(a), uniq("anon"), mqtttest.AppOptions{}); err == nil {
-		t.Fatal("an anonymous client was admitted")
-	}
-	if _, err := mqtttest.Connect(localURL(a), uniq("bad"), mqtttest.AppOptions{Username: "meter", Password: "wrong"}); err == nil {
-		t.Fatal("a wrong password was admitted")
-	}
-	ok, err := mqtttest.Connect(localURL(a), uniq("good"), mqtttest.AppOptions{Username: "meter", Password: "s3cret"})
-	must(t, err)
-	ok.Close()
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		up := embeddedUpstream(t, false)
+		r := newModeRig(t, mode, up)
+		a := r.sidecar(uniq("a"), "", func(o *proxy.Options) { o.Users = map[string]string{"meter": "s3cret"} })
+		if _, err := mqtttest.Connect(localURL(a), uniq("anon"), mqtttest.AppOptions{}); err == nil {
+			t.Fatal("an anonymous client was admitted")
+		}
+		if _, err := mqtttest.Connect(localURL(a), uniq("bad"), mqtttest.AppOptions{Username: "meter", Password: "wrong"}); err == nil {
+			t.Fatal("a wrong password was admitted")
+		}
+		ok, err := mqtttest.Connect(localURL(a), uniq("good"), mqtttest.AppOptions{Username: "meter", Password: "s3cret"})
+		must(t, err)
+		ok.Close()
+	})
 }

@@ -18,7 +18,7 @@ import (
 // stream.
 func TestLiveDeliveryToDirectAndSharedSubscribers(t *testing.T) {
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 	plain, shared, both := r.app(b, uniq("plain")), r.app(b, uniq("shared")), r.app(b, uniq("both"))
 	late := r.app(b, uniq("late"))
@@ -77,7 +77,7 @@ func TestLiveDeliveryToDirectAndSharedSubscribers(t *testing.T) {
 // dropped on every change).
 func TestLiveDeliveryFollowsSubscriptionChanges(t *testing.T) {
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 	first, second := r.app(b, uniq("first")), r.app(b, uniq("second"))
 	pub := r.app(a, uniq("pub"))

@@ -11,6 +11,7 @@ import (
 
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/mosquitto"
+	"github.com/smqtt/smqtt/proxy"
 )
 
 // spy is what a test can ask of the upstream broker's view of the traffic.
@@ -216,19 +217,23 @@ func dieAbruptly(t *testing.T, sc interface{ Addrs() []net.Addr }, topic, payloa
 }
 
 func TestEndToEndEmbedded(t *testing.T) {
-	up := embeddedUpstream(t, false)
-	e2eSuite(t, up, up.Spy)
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		up := embeddedUpstream(t, false)
+		e2eSuite(t, up, up.Spy)
+	})
 }
 
 func TestEndToEndMosquitto(t *testing.T) {
-	if _, ok := mosquitto.Available(); !ok {
-		t.Skip("mosquitto not installed (.ci/run installs it)")
-	}
-	m, err := mosquitto.Start(t.TempDir())
-	must(t, err)
-	t.Cleanup(func() { m.Close() })
-	s := newWireSpy(t, m.URL())
-	e2eSuite(t, m, s)
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		if _, ok := mosquitto.Available(); !ok {
+			t.Skip("mosquitto not installed (.ci/run installs it)")
+		}
+		m, err := mosquitto.Start(t.TempDir())
+		must(t, err)
+		t.Cleanup(func() { m.Close() })
+		s := newWireSpy(t, m.URL())
+		e2eSuite(t, m, s)
+	})
 }
 
 var _ = embedded.Seen{}

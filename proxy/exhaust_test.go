@@ -30,7 +30,7 @@ func TestTenThousandSubscriptionsOnOneSidecar(t *testing.T) {
 		maxBytesPerSub = 8 << 10
 	)
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	name := uniq("sc")
 	sc := r.sidecar(name, "")
 	many, other := r.app(sc, uniq("many")), r.app(sc, uniq("other"))

@@ -14,7 +14,7 @@ import (
 // put a plaintext payload on a protected topic upstream, and keep serving.
 func FuzzLocalPackets(f *testing.F) {
 	up := embeddedUpstream(f, false)
-	r := newRig(f, up)
+	r := newBridgeRig(f, up)
 	sc := r.sidecar(uniq("fuzzed"), "")
 	addr := sc.Addrs()[0].String()
 

@@ -29,20 +29,35 @@ type upstream interface {
 }
 
 // rig is one test topology: an upstream broker and sidecars sharing one
-// static group key.
+// static group key, all in one mode (the default, session, when empty).
 type rig struct {
-	t   testing.TB
-	up  upstream
-	key envelope.GroupKey
+	t    testing.TB
+	up   upstream
+	key  envelope.GroupKey
+	mode proxy.Mode
 }
 
-func newRig(t testing.TB, up upstream) *rig {
+func newRig(t testing.TB, up upstream) *rig { return newModeRig(t, "", up) }
+
+// newBridgeRig is a rig of sidecars in bridge mode, for what only that mode
+// does (the local broker, the outbound queue, the upstream mirror).
+func newBridgeRig(t testing.TB, up upstream) *rig { return newModeRig(t, proxy.ModeBridge, up) }
+
+func newModeRig(t testing.TB, mode proxy.Mode, up upstream) *rig {
 	t.Helper()
-	r := &rig{t: t, up: up}
+	r := &rig{t: t, up: up, mode: mode}
 	if _, err := rand.Read(r.key[:]); err != nil {
 		t.Fatal(err)
 	}
 	return r
+}
+
+// bothModes runs a test once in each mode: what the sidecar promises holds
+// in both.
+func bothModes(t *testing.T, f func(t *testing.T, mode proxy.Mode)) {
+	for _, m := range []proxy.Mode{proxy.ModeSession, proxy.ModeBridge} {
+		t.Run(string(m), func(t *testing.T) { f(t, m) })
+	}
 }
 
 func embeddedUpstream(t testing.TB, persist bool) *embedded.Broker {
@@ -75,6 +90,7 @@ func (r *rig) sidecar(name, dir string, opts ...sidecarOpt) *proxy.Sidecar {
 		r.t.Fatal(err)
 	}
 	o := proxy.Options{
+		Mode:     r.mode,
 		Listen:   []string{"tcp://127.0.0.1:0"},
 		Upstream: proxy.UpstreamOptions{URL: r.up.URL(), ClientID: name, MaxReconnectInterval: 200 * time.Millisecond},
 		Rules:    testRules,

@@ -57,7 +57,7 @@ var corruptions = []struct {
 	reason string
 }{
 	{"version", 0, 1, proxy.DropVersion},
-	{"flags", 1, 2, proxy.DropMalformed}, // a reserved bit, or reseal without retain
+	{"flags", 1, 2, proxy.DropMalformed}, // a reserved bit or reseal without retain; a valid flag: auth
 	{"epoch", 2, 6, proxy.DropUnknownKey},
 	{"sender", 6, 14, proxy.DropAuth},
 	{"sequence high bytes", 14, 20, proxy.DropAuth}, // never down to 0
@@ -216,6 +216,9 @@ func (m *mixer) tamper(action string, env []byte) ([]byte, string, string) {
 		}
 		c[where.first+m.rng.IntN(end-where.first)] ^= bit
 		m.did["corrupt "+where.name]++
+		if where.name == "flags" && envelope.Flags(c[1]).Valid() {
+			return c, m.topic, proxy.DropAuth // will or props set: the AEAD check fails
+		}
 		return c, m.topic, where.reason
 	case "move within group":
 		return c, "secure/elsewhere", proxy.DropAuth
@@ -246,106 +249,108 @@ func (m *mixer) index(env []byte) int {
 // let through, on their own topic, each once; every copy the broker made
 // is dropped and counted under its reason.
 func TestHostileBrokerMixesEveryTamperingInOneStream(t *testing.T) {
-	const (
-		n    = 300
-		seed = 20260601
-	)
-	var up *embedded.Broker
-	mix := &mixer{
-		server: func() *mqtt.Server { return up.Server() }, topic: "secure/mix",
-		rng:     rand.New(rand.NewPCG(seed, seed)),
-		arrives: map[int]bool{}, tampered: map[string]int{}, did: map[string]int{},
-	}
-	up, err := embedded.Start(embedded.Options{Hooks: []mqtt.Hook{mix}})
-	must(t, err)
-	t.Cleanup(func() { up.Close() })
-	r := newRig(t, up)
-	ring := keyclient.NewRing()
-	must(t, ring.AddStatic("demo", r.key))
-	mix.mu.Lock()
-	mix.keys = ring
-	mix.mu.Unlock()
-
-	// The receiver also protects other/# for a group "other" whose key has
-	// the same bytes: only the group's binding in the envelope tells them
-	// apart.
-	otherGroup := func(o *proxy.Options) {
-		o.Rules = append(slices.Clone(o.Rules), proxy.Rule{Filters: []string{"other/#"}, Group: "other"})
-		must(t, o.Keys.(*keyclient.Ring).AddStatic("other", r.key))
-	}
-	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "", otherGroup)
-	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
-	must(t, sub.Subscribe("secure/#", 1))
-	must(t, sub.Subscribe("other/#", 1))
-
-	for i := range n {
-		must(t, pub.Publish(mix.topic, 1, false, []byte("m-"+strconv.Itoa(i))))
-	}
-	waitFor(t, func() bool { return a.QueueLen() == 0 }, "the stream reaches the broker")
-	mix.flush()
-
-	mix.mu.Lock()
-	arrives, tampered, did := maps.Clone(mix.arrives), maps.Clone(mix.tampered), maps.Clone(mix.did)
-	mix.mu.Unlock()
-	if len(arrives) != n {
-		t.Fatalf("the broker saw %d messages of the stream, want %d (index -1: unreadable)", len(arrives), n)
-	}
-	want := 0
-	for _, ok := range arrives {
-		if ok {
-			want++
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		const (
+			n    = 300
+			seed = 20260601
+		)
+		var up *embedded.Broker
+		mix := &mixer{
+			server: func() *mqtt.Server { return up.Server() }, topic: "secure/mix",
+			rng:     rand.New(rand.NewPCG(seed, seed)),
+			arrives: map[int]bool{}, tampered: map[string]int{}, did: map[string]int{},
 		}
-	}
-	t.Logf("seed %d: %d messages, %d let through; actions %v; tampered copies by drop reason %v", seed, n, want, did, tampered)
+		up, err := embedded.Start(embedded.Options{Hooks: []mqtt.Hook{mix}})
+		must(t, err)
+		t.Cleanup(func() { up.Close() })
+		r := newModeRig(t, mode, up)
+		ring := keyclient.NewRing()
+		must(t, ring.AddStatic("demo", r.key))
+		mix.mu.Lock()
+		mix.keys = ring
+		mix.mu.Unlock()
 
-	got := map[int]bool{}
-	for range want {
-		msg, ok := sub.Next(5 * time.Second)
-		if !ok {
-			t.Fatalf("%d of %d messages delivered, then nothing", len(got), want)
+		// The receiver also protects other/# for a group "other" whose key has
+		// the same bytes: only the group's binding in the envelope tells them
+		// apart.
+		otherGroup := func(o *proxy.Options) {
+			o.Rules = append(slices.Clone(o.Rules), proxy.Rule{Filters: []string{"other/#"}, Group: "other"})
+			must(t, o.Keys.(*keyclient.Ring).AddStatic("other", r.key))
 		}
-		i, err := strconv.Atoi(strings.TrimPrefix(string(msg.Payload), "m-"))
-		switch {
-		case msg.Topic != mix.topic || err != nil || string(msg.Payload) != "m-"+strconv.Itoa(i):
-			t.Fatalf("delivered %s %q: not a message published on %s", msg.Topic, msg.Payload, mix.topic)
-		case got[i]:
-			t.Fatalf("message %d delivered twice", i)
-		case !arrives[i]:
-			t.Fatalf("message %d delivered, but the broker only sent tampered copies of it", i)
-		}
-		got[i] = true
-	}
-	expectNone(t, sub, 300*time.Millisecond)
+		a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "", otherGroup)
+		pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
+		must(t, sub.Subscribe("secure/#", 1))
+		must(t, sub.Subscribe("other/#", 1))
 
-	wantDrops := map[string]int{}
-	for reason, c := range tampered {
-		wantDrops["in/"+reason] = c
-	}
-	inDrops := func() map[string]int {
-		out := map[string]int{}
-		for k, v := range b.DropCounts() {
-			if strings.HasPrefix(k, "in/") && v > 0 {
-				out[k] = v
+		for i := range n {
+			must(t, pub.Publish(mix.topic, 1, false, []byte("m-"+strconv.Itoa(i))))
+		}
+		waitFor(t, func() bool { return a.QueueLen() == 0 }, "the stream reaches the broker")
+		mix.flush()
+
+		mix.mu.Lock()
+		arrives, tampered, did := maps.Clone(mix.arrives), maps.Clone(mix.tampered), maps.Clone(mix.did)
+		mix.mu.Unlock()
+		if len(arrives) != n {
+			t.Fatalf("the broker saw %d messages of the stream, want %d (index -1: unreadable)", len(arrives), n)
+		}
+		want := 0
+		for _, ok := range arrives {
+			if ok {
+				want++
 			}
 		}
-		return out
-	}
-	waitFor(t, func() bool { return maps.Equal(inDrops(), wantDrops) }, "drops counted by reason: %v, want %v", inDrops(), wantDrops)
-	t.Logf("receiver's drop counters: %v", inDrops())
-	for k, v := range a.DropCounts() {
-		if v > 0 {
-			t.Errorf("the publishing sidecar dropped %d messages (%s)", v, k)
+		t.Logf("seed %d: %d messages, %d let through; actions %v; tampered copies by drop reason %v", seed, n, want, did, tampered)
+
+		got := map[int]bool{}
+		for range want {
+			msg, ok := sub.Next(5 * time.Second)
+			if !ok {
+				t.Fatalf("%d of %d messages delivered, then nothing", len(got), want)
+			}
+			i, err := strconv.Atoi(strings.TrimPrefix(string(msg.Payload), "m-"))
+			switch {
+			case msg.Topic != mix.topic || err != nil || string(msg.Payload) != "m-"+strconv.Itoa(i):
+				t.Fatalf("delivered %s %q: not a message published on %s", msg.Topic, msg.Payload, mix.topic)
+			case got[i]:
+				t.Fatalf("message %d delivered twice", i)
+			case !arrives[i]:
+				t.Fatalf("message %d delivered, but the broker only sent tampered copies of it", i)
+			}
+			got[i] = true
 		}
-	}
-	// the seed exercised every kind of tampering
-	for _, act := range mixerActions {
-		if did[act.name] == 0 {
-			t.Errorf("the broker never did %q: the run proves nothing about it", act.name)
+		expectNone(t, sub, 300*time.Millisecond)
+
+		wantDrops := map[string]int{}
+		for reason, c := range tampered {
+			wantDrops["in/"+reason] = c
 		}
-	}
-	for _, c := range corruptions {
-		if did["corrupt "+c.name] == 0 {
-			t.Errorf("no corruption of the %s: the run proves nothing about it", c.name)
+		inDrops := func() map[string]int {
+			out := map[string]int{}
+			for k, v := range b.DropCounts() {
+				if strings.HasPrefix(k, "in/") && v > 0 {
+					out[k] = v
+				}
+			}
+			return out
 		}
-	}
+		waitFor(t, func() bool { return maps.Equal(inDrops(), wantDrops) }, "drops counted by reason: %v, want %v", inDrops(), wantDrops)
+		t.Logf("receiver's drop counters: %v", inDrops())
+		for k, v := range a.DropCounts() {
+			if v > 0 {
+				t.Errorf("the publishing sidecar dropped %d messages (%s)", v, k)
+			}
+		}
+		// the seed exercised every kind of tampering
+		for _, act := range mixerActions {
+			if did[act.name] == 0 {
+				t.Errorf("the broker never did %q: the run proves nothing about it", act.name)
+			}
+		}
+		for _, c := range corruptions {
+			if did["corrupt "+c.name] == 0 {
+				t.Errorf("no corruption of the %s: the run proves nothing about it", c.name)
+			}
+		}
+	})
 }

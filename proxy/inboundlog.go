@@ -23,6 +23,7 @@ package proxy
 //	    2 accepted  key ‖ n u16 ‖ n × seq u64, accepted in that order
 //	    3 forget    key (the window was evicted)
 //	    4 retained  topicLen u16 ‖ topic ‖ epoch u32 ‖ sender u64 ‖ seq u64
+//	    5-14        session mode: the app sessions' state (sessionstate.go)
 //	  key: groupLen u16 ‖ group ‖ epoch u32 ‖ sender u64
 //
 // Replaying the frames in order rebuilds exactly the windows that were in
@@ -51,7 +52,7 @@ const (
 	inboundFrameHeader = 8
 	// maxInboundFrame bounds a frame's body: a window frame with the
 	// longest group name, or a retained frame with the longest topic.
-	maxInboundFrame = 1 + 2 + 65535 + 12 + envelope.MaxReplayWindowEncodingLen
+	maxInboundFrame = 1 + 8 + 1 + 2 + 65535 + 12 + envelope.MaxReplayWindowEncodingLen
 	// maxAcceptRun is the most sequence numbers one accepted frame holds.
 	maxAcceptRun = 1<<16 - 1
 	// minCompactGrowth is how far the log grows past its snapshot, at
@@ -67,12 +68,13 @@ var errInboundLog = errors.New("malformed inbound log")
 // inboundRecord is one decoded frame. Its byte slices alias the decoded
 // buffer.
 type inboundRecord struct {
-	kind   byte
-	key    senderKey
-	seqs   []byte // accepted: n × u64
-	window []byte // window: its encoding
-	topic  []byte
-	triple retainedTriple
+	kind    byte
+	key     senderKey
+	seqs    []byte // accepted: n × u64
+	window  []byte // window: its encoding
+	topic   []byte
+	triple  retainedTriple
+	session sessionRecord // session frames (sessionstate.go)
 }
 
 // appendKey appends a key's encoding.
@@ -173,6 +175,9 @@ func decodeInboundLog(data []byte, apply func(*inboundRecord) error) (int, error
 func parseInboundFrame(body []byte, r *inboundRecord) bool {
 	*r = inboundRecord{kind: body[0]}
 	rest := body[1:]
+	if r.kind >= frameKindSessionBegin {
+		return parseSessionFrame(r.kind, rest, r)
+	}
 	if r.kind == frameKindRetained {
 		if len(rest) < 2 {
 			return false

@@ -33,7 +33,7 @@ func subscribedUpstream(up *embedded.Broker, name, filter string) bool {
 func TestExpiredLocalSessionUnsubscribesUpstream(t *testing.T) {
 	t.Parallel()
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	name := uniq("a")
 	a := r.sidecar(name, "")
 	filter := "secure/session/" + uniq("f") + "/#"
@@ -61,7 +61,7 @@ func TestExpiredLocalSessionUnsubscribesUpstream(t *testing.T) {
 func TestPersistentSessionResumesBeforeExpiry(t *testing.T) {
 	t.Parallel()
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	name := uniq("b")
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(name, "")
 	filter := "secure/resume/" + uniq("f") + "/#"

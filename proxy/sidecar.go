@@ -63,6 +63,12 @@ type Options struct {
 	// NoKeyWait is how long a QoS 1/2 publish on a protected topic may wait
 	// for a key (a join in progress) before it is refused; 0 refuses at once.
 	NoKeyWait time.Duration
+
+	// Session mode: ClientIDPrefix is put before every app's client id
+	// upstream; UpstreamCredentials maps a local username (Users) to the
+	// credentials its sessions log in upstream with (else the app's own).
+	ClientIDPrefix      string
+	UpstreamCredentials map[string]Credentials
 }
 
 // Sidecar is one running sidecar.
@@ -73,8 +79,9 @@ type Sidecar struct {
 	deny   atomic.Bool
 	keys   Keys
 	opener *envelope.Opener
-	server *mqtt.Server
-	bridge *bridge
+	server *mqtt.Server // bridge mode
+	bridge *bridge      // bridge mode
+	relay  *relay       // session mode
 	queue  *queue.Queue
 	state  *replayState
 	mirror *mirror
@@ -128,6 +135,13 @@ func New(opts Options) (*Sidecar, error) {
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("proxy: data directory: %w", err)
 	}
+	switch opts.Mode {
+	case "":
+		opts.Mode = ModeSession
+	case ModeBridge, ModeSession:
+	default:
+		return nil, fmt.Errorf("proxy: unknown mode %q (want session or bridge)", opts.Mode)
+	}
 	qo := opts.Queue
 	if qo.Dir == "" {
 		qo.Dir = filepath.Join(opts.DataDir, "queue")
@@ -136,6 +150,11 @@ func New(opts Options) (*Sidecar, error) {
 	q, err := queue.Open(qo)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: outbound queue: %w", err)
+	}
+	if opts.Mode == ModeSession && q.Len() > 0 {
+		n := q.Len()
+		q.Close()
+		return nil, fmt.Errorf("proxy: %s holds %d messages queued in bridge mode and not sent yet; run once more with sidecar.mode: bridge until they are sent", qo.Dir, n)
 	}
 	st, err := openReplayState(opts.DataDir, qo.Sync)
 	if err != nil {
@@ -165,6 +184,30 @@ func New(opts Options) (*Sidecar, error) {
 	sc.mOutPlain = sc.metrics.Messages.WithLabelValues("out", "plain")
 	sc.mInProtected = sc.metrics.Messages.WithLabelValues("in", "protected")
 	sc.mInPlain = sc.metrics.Messages.WithLabelValues("in", "plain")
+
+	if opts.Mode == ModeSession {
+		var lns []net.Listener
+		for i, l := range opts.Listen {
+			ln, err := listenNet(i, l, opts.ListenTLS)
+			if err != nil {
+				for _, ln := range lns {
+					ln.Close()
+				}
+				sc.closeStores()
+				return nil, err
+			}
+			lns = append(lns, ln)
+			sc.addrs = append(sc.addrs, ln.Addr())
+		}
+		if sc.relay, err = newRelay(sc, lns); err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			sc.closeStores()
+			return nil, err
+		}
+		return sc, nil
+	}
 
 	sc.server = mqtt.New(&mqtt.Options{
 		InlineClient: true,
@@ -218,33 +261,41 @@ func localCapabilities() *mqtt.Capabilities {
 }
 
 func listen(i int, raw string, tlsConf *tls.Config) (listeners.Listener, net.Addr, error) {
-	u, err := url.Parse(raw)
+	nl, err := listenNet(i, raw, tlsConf)
 	if err != nil {
-		return nil, nil, fmt.Errorf("proxy: listen[%d] %q: %w", i, raw, err)
+		return nil, nil, err
 	}
-	id := fmt.Sprintf("listen-%d", i)
 	// Every listener hands the local broker batched connections with a
 	// write timeout (batchedListener): one application that stops reading
 	// is cut off, whichever way it connected.
+	return listeners.NewNet(fmt.Sprintf("listen-%d", i), batchedListener{nl}), nl.Addr(), nil
+}
+
+// listenNet opens one local listener: TCP, TLS, WebSocket (over TCP or
+// TLS), or a Unix socket.
+func listenNet(i int, raw string, tlsConf *tls.Config) (net.Listener, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: listen[%d] %q: %w", i, raw, err)
+	}
 	switch u.Scheme {
 	case "tcp", "mqtt", "ssl", "tls", "mqtts", "ws", "wss":
 		nl, err := net.Listen("tcp", u.Host)
 		if err != nil {
-			return nil, nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, raw, err)
+			return nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, raw, err)
 		}
-		addr := nl.Addr()
 		switch u.Scheme {
 		case "ssl", "tls", "mqtts", "wss":
 			if tlsConf == nil {
 				nl.Close()
-				return nil, nil, fmt.Errorf("proxy: listen[%d] %s: TLS listener without a certificate (sidecar.listen_tls)", i, raw)
+				return nil, fmt.Errorf("proxy: listen[%d] %s: TLS listener without a certificate (sidecar.listen_tls)", i, raw)
 			}
 			nl = tls.NewListener(nl, tlsConf)
 		}
 		if u.Scheme == "ws" || u.Scheme == "wss" {
 			nl = newWSListener(nl)
 		}
-		return listeners.NewNet(id, batchedListener{nl}), addr, nil
+		return nl, nil
 	case "unix":
 		path := u.Path
 		if path == "" {
@@ -257,16 +308,20 @@ func listen(i int, raw string, tlsConf *tls.Config) (listeners.Listener, net.Add
 		}
 		nl, err := net.Listen("unix", path)
 		if err != nil {
-			return nil, nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, raw, err)
+			return nil, fmt.Errorf("proxy: listen[%d] %s: %w", i, raw, err)
 		}
-		return listeners.NewNet(id, batchedListener{nl}), nl.Addr(), nil
+		return nl, nil
 	}
-	return nil, nil, fmt.Errorf("proxy: listen[%d] %q: unsupported scheme %q (want tcp, ssl, ws, wss or unix)", i, raw, u.Scheme)
+	return nil, fmt.Errorf("proxy: listen[%d] %q: unsupported scheme %q (want tcp, ssl, ws, wss or unix)", i, raw, u.Scheme)
 }
 
 // Start serves local clients, connects upstream (retrying in the
 // background) and starts the outbound sender and inbound worker.
 func (sc *Sidecar) Start() error {
+	if sc.relay != nil {
+		sc.relay.start()
+		return nil
+	}
 	if err := sc.server.Serve(); err != nil {
 		return fmt.Errorf("proxy: local broker: %w", err)
 	}
@@ -280,14 +335,24 @@ func (sc *Sidecar) Start() error {
 // Addrs are the local listeners' addresses, in the order of Options.Listen.
 func (sc *Sidecar) Addrs() []net.Addr { return sc.addrs }
 
-// Connected reports whether the upstream connection is up.
-func (sc *Sidecar) Connected() bool { return sc.bridge.connected() }
+// Connected reports whether the upstream connection is up (session mode:
+// whether upstream is reachable).
+func (sc *Sidecar) Connected() bool {
+	if sc.relay != nil {
+		return sc.relay.connected()
+	}
+	return sc.bridge.connected()
+}
 
-// WaitConnected waits until upstream is connected.
+// Mode is the relay the sidecar runs.
+func (sc *Sidecar) Mode() Mode { return sc.opts.Mode }
+
+// WaitConnected waits until upstream is connected (session mode:
+// reachable).
 func (sc *Sidecar) WaitConnected(ctx context.Context) error {
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
-	for !sc.bridge.connected() {
+	for !sc.Connected() {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("upstream %s not connected: %w", sc.opts.Upstream.URL, ctx.Err())
@@ -317,6 +382,12 @@ func (sc *Sidecar) MirroredFilters() []string {
 // Whatever is still queued is sent after the next start.
 func (sc *Sidecar) Close(ctx context.Context) error {
 	sc.closeOnce.Do(func() {
+		if sc.relay != nil {
+			sc.relay.close()
+			sc.cancel()
+			sc.closeErr = sc.closeStores()
+			return
+		}
 		sc.closeLocalBroker() // no new local publishes
 		sc.wills.close()      // the local sessions ended: held Wills go now
 		t := time.NewTicker(10 * time.Millisecond)

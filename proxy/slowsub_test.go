@@ -82,7 +82,7 @@ func TestSubscriberThatNeverReads(t *testing.T) {
 		t.Run(l.kind, func(t *testing.T) {
 			t.Parallel()
 			up := embeddedUpstream(t, false)
-			r := newRig(t, up)
+			r := newBridgeRig(t, up)
 			a := r.sidecar(uniq("a"), "")
 			b := r.sidecar(uniq("b"), "", func(o *proxy.Options) { o.Listen = []string{l.listen(t)} })
 			addr := b.Addrs()[0]
@@ -159,7 +159,7 @@ func TestSlowSubscriberKeepsMemoryBounded(t *testing.T) {
 		maxGrowth = 96 << 20 // bytes
 	)
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 
 	slow := dialRaw(t, b)
@@ -274,95 +274,101 @@ func spyBytes(up *embedded.Broker) int64 {
 // not stop cleanly is replaced; any other file at the path is kept, and the
 // sidecar refuses to start, releasing the listeners it had opened.
 func TestUnixListenerReplacesStaleSocket(t *testing.T) {
-	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
-	dir := t.TempDir()
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		up := embeddedUpstream(t, false)
+		r := newModeRig(t, mode, up)
+		dir := t.TempDir()
 
-	stale := filepath.Join(dir, "stale.sock")
-	ln, err := net.Listen("unix", stale)
-	must(t, err)
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close()
-	sc := r.sidecar(uniq("a"), "", func(o *proxy.Options) { o.Listen = []string{"unix://" + stale} })
-	app, err := mqtttest.Connect("unix://"+stale, uniq("app"), mqtttest.AppOptions{})
-	must(t, err)
-	app.Close()
-	_ = sc
+		stale := filepath.Join(dir, "stale.sock")
+		ln, err := net.Listen("unix", stale)
+		must(t, err)
+		ln.(*net.UnixListener).SetUnlinkOnClose(false)
+		ln.Close()
+		sc := r.sidecar(uniq("a"), "", func(o *proxy.Options) { o.Listen = []string{"unix://" + stale} })
+		app, err := mqtttest.Connect("unix://"+stale, uniq("app"), mqtttest.AppOptions{})
+		must(t, err)
+		app.Close()
+		_ = sc
 
-	regular := filepath.Join(dir, "data")
-	must(t, os.WriteFile(regular, []byte("keep me"), 0o600))
-	tcpAddr := freeAddr(t)
-	_, err = proxy.New(proxy.Options{Listen: []string{"tcp://" + tcpAddr, "unix://" + regular}, Keys: keyclient.NewRing(), DataDir: t.TempDir(),
-		Upstream: proxy.UpstreamOptions{URL: up.URL(), ClientID: uniq("b")}})
-	if err == nil {
-		t.Fatal("a sidecar listened on a path that holds a regular file")
-	}
-	if got, _ := os.ReadFile(regular); string(got) != "keep me" {
-		t.Fatalf("the regular file at the listen path was changed: %q", got)
-	}
-	again, err := net.Listen("tcp", tcpAddr)
-	if err != nil {
-		t.Fatalf("the sidecar that failed to start kept its other listener: %v", err)
-	}
-	again.Close()
+		regular := filepath.Join(dir, "data")
+		must(t, os.WriteFile(regular, []byte("keep me"), 0o600))
+		tcpAddr := freeAddr(t)
+		_, err = proxy.New(proxy.Options{Listen: []string{"tcp://" + tcpAddr, "unix://" + regular}, Keys: keyclient.NewRing(), DataDir: t.TempDir(),
+			Upstream: proxy.UpstreamOptions{URL: up.URL(), ClientID: uniq("b")}})
+		if err == nil {
+			t.Fatal("a sidecar listened on a path that holds a regular file")
+		}
+		if got, _ := os.ReadFile(regular); string(got) != "keep me" {
+			t.Fatalf("the regular file at the listen path was changed: %q", got)
+		}
+		again, err := net.Listen("tcp", tcpAddr)
+		if err != nil {
+			t.Fatalf("the sidecar that failed to start kept its other listener: %v", err)
+		}
+		again.Close()
+	})
 }
 
 // TestSecureWebSocketListener: a wss:// listener speaks MQTT over
 // WebSocket over TLS with the sidecar's listen certificate.
 func TestSecureWebSocketListener(t *testing.T) {
-	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
-	ca, caKey := newCA(t)
-	cert := issue(t, ca, caKey, "127.0.0.1", false)
-	sc := r.sidecar(uniq("a"), "", func(o *proxy.Options) {
-		o.Listen = []string{"wss://127.0.0.1:0"}
-		o.ListenTLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		up := embeddedUpstream(t, false)
+		r := newModeRig(t, mode, up)
+		ca, caKey := newCA(t)
+		cert := issue(t, ca, caKey, "127.0.0.1", false)
+		sc := r.sidecar(uniq("a"), "", func(o *proxy.Options) {
+			o.Listen = []string{"wss://127.0.0.1:0"}
+			o.ListenTLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+		})
+		roots := x509.NewCertPool()
+		roots.AddCert(ca)
+		d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: 5 * time.Second, TLSClientConfig: &tls.Config{RootCAs: roots}}
+		c, _, err := d.Dial("wss://"+sc.Addrs()[0].String()+"/mqtt", nil)
+		must(t, err)
+		defer c.Close()
+		var buf bytes.Buffer
+		connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: uniq("wss")}}
+		must(t, connect.ConnectEncode(&buf))
+		_, err = wsStream{c}.Write(buf.Bytes())
+		must(t, err)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, msg, err := c.ReadMessage()
+		must(t, err)
+		if !bytes.Equal(msg, []byte{packets.Connack << 4, 2, 0, 0}) {
+			t.Fatalf("CONNACK over wss: %x", msg)
+		}
 	})
-	roots := x509.NewCertPool()
-	roots.AddCert(ca)
-	d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: 5 * time.Second, TLSClientConfig: &tls.Config{RootCAs: roots}}
-	c, _, err := d.Dial("wss://"+sc.Addrs()[0].String()+"/mqtt", nil)
-	must(t, err)
-	defer c.Close()
-	var buf bytes.Buffer
-	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: uniq("wss")}}
-	must(t, connect.ConnectEncode(&buf))
-	_, err = wsStream{c}.Write(buf.Bytes())
-	must(t, err)
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, msg, err := c.ReadMessage()
-	must(t, err)
-	if !bytes.Equal(msg, []byte{packets.Connack << 4, 2, 0, 0}) {
-		t.Fatalf("CONNACK over wss: %x", msg)
-	}
 }
 
 // A web page of another origin cannot open the sidecar's WebSocket listener
 // (a browser sends its Origin); MQTT clients without an Origin, and pages of
 // the listener's own origin, can.
 func TestWebSocketListenerRefusesOtherOrigins(t *testing.T) {
-	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
-	sc := r.sidecar(uniq("a"), "", func(o *proxy.Options) { o.Listen = []string{"ws://127.0.0.1:0"} })
-	addr := sc.Addrs()[0].String()
-	d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: 5 * time.Second}
-	for _, c := range []struct {
-		origin string
-		ok     bool
-	}{{"", true}, {"http://" + addr, true}, {"http://evil.example", false}} {
-		h := http.Header{}
-		if c.origin != "" {
-			h.Set("Origin", c.origin)
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		up := embeddedUpstream(t, false)
+		r := newModeRig(t, mode, up)
+		sc := r.sidecar(uniq("a"), "", func(o *proxy.Options) { o.Listen = []string{"ws://127.0.0.1:0"} })
+		addr := sc.Addrs()[0].String()
+		d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: 5 * time.Second}
+		for _, c := range []struct {
+			origin string
+			ok     bool
+		}{{"", true}, {"http://" + addr, true}, {"http://evil.example", false}} {
+			h := http.Header{}
+			if c.origin != "" {
+				h.Set("Origin", c.origin)
+			}
+			conn, resp, err := d.Dial("ws://"+addr+"/mqtt", h)
+			if c.ok != (err == nil) {
+				t.Errorf("origin %q: error %v, want accepted %t", c.origin, err, c.ok)
+			}
+			if err == nil {
+				conn.Close()
+			} else if resp == nil || resp.StatusCode != http.StatusForbidden {
+				t.Errorf("origin %q refused without 403: %v", c.origin, resp)
+			}
 		}
-		conn, resp, err := d.Dial("ws://"+addr+"/mqtt", h)
-		if c.ok != (err == nil) {
-			t.Errorf("origin %q: error %v, want accepted %t", c.origin, err, c.ok)
-		}
-		if err == nil {
-			conn.Close()
-		} else if resp == nil || resp.StatusCode != http.StatusForbidden {
-			t.Errorf("origin %q refused without 403: %v", c.origin, resp)
-		}
-	}
+	})
 }

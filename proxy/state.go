@@ -32,8 +32,20 @@ type senderKey struct {
 }
 
 type senderWindow struct {
-	envelope.ReplayWindow
+	// The window itself. While shared, the floors of sessions begun since
+	// it last changed point to it too (session mode, sessionstate.go): it is
+	// copied before it changes again (own).
+	*envelope.ReplayWindow
+	shared  bool
 	lastUse uint64
+}
+
+// own makes w's window its own to change.
+func (w *senderWindow) own() {
+	if w.shared {
+		c := *w.ReplayWindow
+		w.ReplayWindow, w.shared = &c, false
+	}
 }
 
 // retainedTriple identifies a sealed retained value.
@@ -61,12 +73,22 @@ type replayState struct {
 	windows  map[senderKey]*senderWindow
 	perGroup map[string]int
 	retained map[string]retainedTriple
-	pend     []byte    // frames of changes not yet written
-	runKey   senderKey // the key of the accepted frame still open at pend's end
-	runAt    int       // where that frame starts in pend; -1 if none is open
-	runSeqs  int       // where its sequence numbers start in pend
-	wbuf     []byte    // pend's contents while commit writes them
-	torn     int       // bytes cut off the log's end when it was loaded
+
+	// Session mode (sessionstate.go).
+	sessions     map[string]*sessionState // by upstream client id
+	sessionsByID map[uint64]*sessionState // the logged ones, by log id
+	willsSeen    map[retainedTriple]uint64
+	gen          uint64 // host generation: sessions begun so far
+	lastSID      uint64
+	connections  uint64
+	lastExpiry   time.Time
+
+	pend    []byte    // frames of changes not yet written
+	runKey  senderKey // the key of the accepted frame still open at pend's end
+	runAt   int       // where that frame starts in pend; -1 if none is open
+	runSeqs int       // where its sequence numbers start in pend
+	wbuf    []byte    // pend's contents while commit writes them
+	torn    int       // bytes cut off the log's end when it was loaded
 
 	stop     chan struct{}
 	done     chan struct{}
@@ -83,7 +105,11 @@ func newReplayState() *replayState {
 		perGroup: make(map[string]int),
 		retained: make(map[string]retainedTriple),
 		stop:     make(chan struct{}),
-		done:     make(chan struct{}),
+
+		sessions:     make(map[string]*sessionState),
+		sessionsByID: make(map[uint64]*sessionState),
+		willsSeen:    make(map[retainedTriple]uint64),
+		done:         make(chan struct{}),
 	}
 }
 
@@ -108,6 +134,12 @@ func openReplayState(dir string, sync queue.Sync) (*replayState, error) {
 		if err != nil {
 			return nil, fmt.Errorf("proxy: load inbound state %s: %w", path, err)
 		}
+		now := time.Now().Unix()
+		for _, s := range st.sessions {
+			if s.leftAt == 0 {
+				s.leftAt = now // its connection ended with the process that held it
+			}
+		}
 		if good < len(data) {
 			// A torn last write, or damage: what follows the last frame
 			// that checks is cut off, and the state is rewritten whole.
@@ -127,12 +159,14 @@ func (st *replayState) apply(r *inboundRecord) error {
 	case frameKindWindow:
 		w := st.window(r.key)
 		st.touch(w)
+		w.own()
 		if err := w.UnmarshalBinary(r.window); err != nil {
 			return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", r.key.sender, r.key.group, r.key.epoch, err)
 		}
 	case frameKindAccepted:
 		w := st.window(r.key)
 		st.touch(w)
+		w.own()
 		for i := 0; i < len(r.seqs); i += 8 {
 			w.Accept(binary.LittleEndian.Uint64(r.seqs[i:]))
 		}
@@ -143,6 +177,8 @@ func (st *replayState) apply(r *inboundRecord) error {
 		}
 	case frameKindRetained:
 		st.retained[string(r.topic)] = r.triple
+	default:
+		return st.applySession(r)
 	}
 	return nil
 }
@@ -151,7 +187,7 @@ func (st *replayState) apply(r *inboundRecord) error {
 func (st *replayState) window(k senderKey) *senderWindow {
 	w := st.windows[k]
 	if w == nil {
-		w = &senderWindow{}
+		w = &senderWindow{ReplayWindow: new(envelope.ReplayWindow)}
 		st.windows[k] = w
 		st.perGroup[k.group]++
 	}
@@ -169,12 +205,12 @@ func (st *replayState) snapshot() []byte {
 	b := make([]byte, 0, len(inboundLogMagic)+len(st.windows)*256+len(st.retained)*64)
 	b = append(b, inboundLogMagic...)
 	for k, w := range st.windows {
-		b = appendWindowFrame(b, k, &w.ReplayWindow)
+		b = appendWindowFrame(b, k, w.ReplayWindow)
 	}
 	for topic, t := range st.retained {
 		b = appendRetainedFrame(b, topic, t)
 	}
-	return b
+	return st.snapshotSessions(b)
 }
 
 // compact replaces the log with one that holds the whole state.
@@ -244,9 +280,11 @@ func (st *replayState) accept(group string, epoch uint32, sender, seq uint64) bo
 		}
 		w = st.window(k)
 	}
-	if !w.Accept(seq) {
+	if !w.Check(seq) {
 		return false
 	}
+	w.own()
+	w.Accept(seq)
 	st.touch(w)
 	// Consecutive accepts of one sender share a frame; its count is
 	// written when it is closed.
@@ -375,6 +413,7 @@ func (st *replayState) importBolt() error {
 				sk := senderKey{string(k[1 : 1+n]), binary.BigEndian.Uint32(k[1+n:]), binary.BigEndian.Uint64(k[5+n:])}
 				w := st.window(sk)
 				st.touch(w)
+				w.own()
 				if err := w.UnmarshalBinary(v); err != nil {
 					return fmt.Errorf("replay window of sender %016x in group %q epoch %d: %w", sk.sender, sk.group, sk.epoch, err)
 				}

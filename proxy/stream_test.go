@@ -23,7 +23,7 @@ import (
 // the broker sees only envelopes, and how long each fault took to recover
 // from.
 func streamThroughFaults(t *testing.T, up upstream, upAddr string, n int, qos byte, restarts int) {
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	relayA, err := faultnet.New(upAddr)
 	must(t, err)
 	t.Cleanup(func() { relayA.Close() })
@@ -194,7 +194,7 @@ func TestStreamThroughPartitionMosquitto(t *testing.T) {
 	m, err := mosquitto.Start(t.TempDir())
 	must(t, err)
 	t.Cleanup(func() { m.Resume(); m.Close() })
-	r := newRig(t, m)
+	r := newBridgeRig(t, m)
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
 	must(t, sub.Subscribe("secure/partition", 1))

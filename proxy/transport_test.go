@@ -31,68 +31,73 @@ import (
 // TestUpstreamMutualTLS: the sidecars reach a broker that requires TLS with
 // client certificates (mTLS), verifying the broker's certificate.
 func TestUpstreamMutualTLS(t *testing.T) {
-	ca, caKey := newCA(t)
-	serverCert := issue(t, ca, caKey, "127.0.0.1", false)
-	clientCert := issue(t, ca, caKey, "sidecar", true)
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		ca, caKey := newCA(t)
+		serverCert := issue(t, ca, caKey, "127.0.0.1", false)
+		clientCert := issue(t, ca, caKey, "sidecar", true)
+		pool := x509.NewCertPool()
+		pool.AddCert(ca)
 
-	s := mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
-	must(t, s.AddHook(new(auth.AllowHook), nil))
-	nl, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
-		Certificates: []tls.Certificate{serverCert}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12,
+		s := mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
+		must(t, s.AddHook(new(auth.AllowHook), nil))
+		nl, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+			Certificates: []tls.Certificate{serverCert}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12,
+		})
+		must(t, err)
+		must(t, s.AddListener(listeners.NewNet("tls", nl)))
+		must(t, s.Serve())
+		t.Cleanup(func() { s.Close() })
+		url := "ssl://" + nl.Addr().String()
+
+		r := newModeRig(t, mode, tlsUpstream{url})
+		withTLS := func(o *proxy.Options) {
+			o.Upstream.TLS = &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{clientCert}, MinVersion: tls.VersionTLS12}
+		}
+		a, b := r.sidecar(uniq("a"), "", withTLS), r.sidecar(uniq("b"), "", withTLS)
+		pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
+		must(t, sub.Subscribe("secure/tls", 1))
+		must(t, pub.Publish("secure/tls", 1, false, []byte("over mTLS")))
+		expect(t, sub, "secure/tls", "over mTLS")
+
+		// without a client certificate the broker refuses the sidecar
+		sc, err := proxy.New(proxy.Options{
+			Mode:     mode,
+			Listen:   []string{"tcp://127.0.0.1:0"},
+			Upstream: proxy.UpstreamOptions{URL: url, ClientID: uniq("c"), TLS: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}},
+			Rules:    testRules, Keys: keyclient.NewRing(), DataDir: t.TempDir(),
+		})
+		must(t, err)
+		must(t, sc.Start())
+		time.Sleep(500 * time.Millisecond)
+		if sc.Connected() {
+			t.Fatal("connected to an mTLS broker without a client certificate")
+		}
+		sc.Close(t.Context())
 	})
-	must(t, err)
-	must(t, s.AddListener(listeners.NewNet("tls", nl)))
-	must(t, s.Serve())
-	t.Cleanup(func() { s.Close() })
-	url := "ssl://" + nl.Addr().String()
-
-	r := newRig(t, tlsUpstream{url})
-	withTLS := func(o *proxy.Options) {
-		o.Upstream.TLS = &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{clientCert}, MinVersion: tls.VersionTLS12}
-	}
-	a, b := r.sidecar(uniq("a"), "", withTLS), r.sidecar(uniq("b"), "", withTLS)
-	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
-	must(t, sub.Subscribe("secure/tls", 1))
-	must(t, pub.Publish("secure/tls", 1, false, []byte("over mTLS")))
-	expect(t, sub, "secure/tls", "over mTLS")
-
-	// without a client certificate the broker refuses the sidecar
-	sc, err := proxy.New(proxy.Options{
-		Listen:   []string{"tcp://127.0.0.1:0"},
-		Upstream: proxy.UpstreamOptions{URL: url, ClientID: uniq("c"), TLS: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}},
-		Rules:    testRules, Keys: keyclient.NewRing(), DataDir: t.TempDir(),
-	})
-	must(t, err)
-	must(t, sc.Start())
-	time.Sleep(500 * time.Millisecond)
-	if sc.Connected() {
-		t.Fatal("connected to an mTLS broker without a client certificate")
-	}
-	sc.Close(t.Context())
 }
 
 // TestUpstreamWebSocket: the sidecars reach the broker over WebSocket (the
 // upstream connection is dialed by the sidecar, not by paho).
 func TestUpstreamWebSocket(t *testing.T) {
-	s := mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
-	must(t, s.AddHook(new(auth.AllowHook), nil))
-	addr := freeAddr(t)
-	must(t, s.AddListener(listeners.NewWebsocket(listeners.Config{ID: "ws", Address: addr})))
-	must(t, s.Serve())
-	t.Cleanup(func() { s.Close() })
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		s := mqtt.New(&mqtt.Options{InlineClient: true, Logger: slog.New(slog.DiscardHandler)})
+		must(t, s.AddHook(new(auth.AllowHook), nil))
+		addr := freeAddr(t)
+		must(t, s.AddListener(listeners.NewWebsocket(listeners.Config{ID: "ws", Address: addr})))
+		must(t, s.Serve())
+		t.Cleanup(func() { s.Close() })
 
-	r := newRig(t, tlsUpstream{"ws://" + addr})
-	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
-	pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
-	must(t, sub.Subscribe("secure/ws/#", 1))
-	for i := range 50 {
-		must(t, pub.Publish(fmt.Sprintf("secure/ws/%d", i), 1, false, []byte(fmt.Sprintf("over websocket %d", i))))
-	}
-	for i := range 50 {
-		expect(t, sub, fmt.Sprintf("secure/ws/%d", i), fmt.Sprintf("over websocket %d", i))
-	}
+		r := newModeRig(t, mode, tlsUpstream{"ws://" + addr})
+		a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
+		pub, sub := r.app(a, uniq("pub")), r.app(b, uniq("sub"))
+		must(t, sub.Subscribe("secure/ws/#", 1))
+		for i := range 50 {
+			must(t, pub.Publish(fmt.Sprintf("secure/ws/%d", i), 1, false, []byte(fmt.Sprintf("over websocket %d", i))))
+		}
+		for i := range 50 {
+			expect(t, sub, fmt.Sprintf("secure/ws/%d", i), fmt.Sprintf("over websocket %d", i))
+		}
+	})
 }
 
 type tlsUpstream struct{ url string }
@@ -104,30 +109,32 @@ func (u tlsUpstream) Close() error   { return nil }
 // TestLocalListeners: applications reach the sidecar over WebSocket and a
 // Unix socket as well as TCP.
 func TestLocalListeners(t *testing.T) {
-	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
-	sock := filepath.Join(t.TempDir(), "smqtt.sock")
-	wsAddr := freeAddr(t)
-	a := r.sidecar(uniq("a"), "", func(o *proxy.Options) {
-		o.Listen = []string{"tcp://127.0.0.1:0", "ws://" + wsAddr, "unix://" + sock}
-	})
-	b := r.sidecar(uniq("b"), "")
-	sub := r.app(b, uniq("sub"))
-	must(t, sub.Subscribe("secure/via/#", 1))
-	for _, url := range []string{"ws://" + wsAddr, "unix://" + sock} {
-		var app *mqtttest.App
-		var err error
-		deadline := time.Now().Add(5 * time.Second)
-		for app, err = mqtttest.Connect(url, uniq("app"), mqtttest.AppOptions{}); err != nil && time.Now().Before(deadline); {
-			time.Sleep(50 * time.Millisecond)
-			app, err = mqtttest.Connect(url, uniq("app"), mqtttest.AppOptions{})
+	bothModes(t, func(t *testing.T, mode proxy.Mode) {
+		up := embeddedUpstream(t, false)
+		r := newModeRig(t, mode, up)
+		sock := filepath.Join(t.TempDir(), "smqtt.sock")
+		wsAddr := freeAddr(t)
+		a := r.sidecar(uniq("a"), "", func(o *proxy.Options) {
+			o.Listen = []string{"tcp://127.0.0.1:0", "ws://" + wsAddr, "unix://" + sock}
+		})
+		b := r.sidecar(uniq("b"), "")
+		sub := r.app(b, uniq("sub"))
+		must(t, sub.Subscribe("secure/via/#", 1))
+		for _, url := range []string{"ws://" + wsAddr, "unix://" + sock} {
+			var app *mqtttest.App
+			var err error
+			deadline := time.Now().Add(5 * time.Second)
+			for app, err = mqtttest.Connect(url, uniq("app"), mqtttest.AppOptions{}); err != nil && time.Now().Before(deadline); {
+				time.Sleep(50 * time.Millisecond)
+				app, err = mqtttest.Connect(url, uniq("app"), mqtttest.AppOptions{})
+			}
+			must(t, err)
+			must(t, app.Publish("secure/via/x", 1, false, []byte(url)))
+			expect(t, sub, "secure/via/x", url)
+			app.Close()
 		}
-		must(t, err)
-		must(t, app.Publish("secure/via/x", 1, false, []byte(url)))
-		expect(t, sub, "secure/via/x", url)
-		app.Close()
-	}
-	_ = a
+		_ = a
+	})
 }
 
 // TestBackpressureInsteadOfLoss: with the outbound queue full and upstream
@@ -135,7 +142,7 @@ func TestLocalListeners(t *testing.T) {
 // waits, and everything arrives once upstream returns.
 func TestBackpressureInsteadOfLoss(t *testing.T) {
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	relay, err := faultnet.New(up.Addr())
 	must(t, err)
 	t.Cleanup(func() { relay.Close() })

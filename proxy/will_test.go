@@ -144,7 +144,7 @@ func sessionExpiry(s uint32) packets.Properties {
 func TestWillDelayInterval(t *testing.T) {
 	t.Parallel()
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 
 	// Each case ends the Will's connection (or takes it over) and says
@@ -222,7 +222,7 @@ func TestWillDelayInterval(t *testing.T) {
 func TestDelayedWillSentWhenSidecarStops(t *testing.T) {
 	t.Parallel()
 	up := embeddedUpstream(t, false)
-	r := newRig(t, up)
+	r := newBridgeRig(t, up)
 	a, b := r.sidecar(uniq("a"), ""), r.sidecar(uniq("b"), "")
 	sub := r.app(b, uniq("sub"))
 	must(t, sub.Subscribe("secure/will/stop", 1))

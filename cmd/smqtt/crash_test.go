@@ -37,6 +37,7 @@ func TestSidecarSIGKILLKeepsQueuedMessages(t *testing.T) {
 	relay.Down()
 	cfg := fmt.Sprintf(`
 sidecar:
+  mode: bridge                  # the store-and-forward queue is bridge mode's
   listen: ["tcp://127.0.0.1:0"]
   upstream: {url: %q, client_id: crashing-sidecar}
   protect:

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"syscall"
 	"time"
 
@@ -114,8 +115,8 @@ func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts
 	if err != nil {
 		return err
 	}
-	if fmt.Sprint(cfg.Listen, cfg.Upstream, cfg.DataDir, cfg.Keyserver != nil) != fmt.Sprint(running.Listen, running.Upstream, running.DataDir, running.Keyserver != nil) {
-		return errors.New("sidecar.listen, sidecar.upstream, sidecar.data_dir and sidecar.keyserver change only with a restart")
+	if !reflect.DeepEqual(restartOnly(cfg), restartOnly(running)) {
+		return errors.New("sidecar.mode, sidecar.session, sidecar.auth, sidecar.listen, sidecar.upstream, sidecar.data_dir and sidecar.keyserver change only with a restart")
 	}
 	ring := opts.Keys.(*keyclient.Ring)
 	for group, path := range cfg.StaticKeys {
@@ -140,6 +141,12 @@ func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts
 		rules = append(rules, proxy.Rule{Filters: r.Topics, Group: r.Group})
 	}
 	return sc.SetRules(rules, cfg.Unmatched == config.UnmatchedDeny)
+}
+
+// restartOnly is the part of a sidecar configuration that a reload cannot
+// change.
+func restartOnly(c *config.Sidecar) any {
+	return []any{c.Mode, c.Session, c.Auth, c.Listen, c.Upstream, c.DataDir, c.Keyserver != nil}
 }
 
 // keyServerGroups returns the groups of the protect rules that have no
@@ -189,19 +196,26 @@ func sidecarOptions(cfg *config.Sidecar, log *slog.Logger, reg prometheus.Regist
 		listenTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	users := map[string]string{}
+	creds := map[string]proxy.Credentials{}
 	for _, u := range cfg.Auth.Users {
 		users[u.Username] = u.Password
+		if u.Upstream != nil {
+			creds[u.Username] = proxy.Credentials{Username: u.Upstream.Username, Password: u.Upstream.Password}
+		}
 	}
 	return proxy.Options{
-		Listen:    cfg.Listen,
-		ListenTLS: listenTLS,
-		Users:     users,
-		Upstream:  upstreamOptions(cfg.Upstream, upTLS),
-		Rules:     rules,
-		Deny:      cfg.Unmatched == config.UnmatchedDeny,
-		Keys:      ring,
-		NoKeyWait: 5 * time.Second,
-		DataDir:   cfg.DataDir,
+		Mode:                proxy.Mode(cfg.Mode),
+		ClientIDPrefix:      cfg.Session.ClientIDPrefix,
+		UpstreamCredentials: creds,
+		Listen:              cfg.Listen,
+		ListenTLS:           listenTLS,
+		Users:               users,
+		Upstream:            upstreamOptions(cfg.Upstream, upTLS),
+		Rules:               rules,
+		Deny:                cfg.Unmatched == config.UnmatchedDeny,
+		Keys:                ring,
+		NoKeyWait:           5 * time.Second,
+		DataDir:             cfg.DataDir,
 		Queue: queue.Options{
 			MaxMessages:   cfg.Queue.MaxMessages,
 			Sync:          sync,

@@ -37,6 +37,7 @@ type Options struct {
 	Others       []string // known to the key server but not in the group
 	Logger       *slog.Logger
 	Registry     prometheus.Registerer // the key server's metrics
+	Mode         proxy.Mode            // the sidecars' (default session)
 	// Timings (tests shorten them): defaults 100ms, 300ms, 2s, 5s, 300ms, 300ms.
 	RekeyBatch, RekeyLead, SendGrace, ReceiveRetention, Heartbeat, LeaveDelay time.Duration
 	// Slotted groups: zero values take the key server's defaults.
@@ -192,6 +193,7 @@ func (f *Fleet) Join(name string) (*Node, error) {
 		return nil, err
 	}
 	n.Side, err = proxy.New(proxy.Options{
+		Mode:      f.Opts.Mode,
 		Listen:    []string{"tcp://127.0.0.1:0"},
 		Upstream:  proxy.UpstreamOptions{URL: n.Data.URL(), ClientID: name, MaxReconnectInterval: 200 * time.Millisecond},
 		Rules:     []proxy.Rule{{Filters: []string{"secure/#"}, Group: Group}},
