@@ -1,0 +1,301 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/smqtt/smqtt/internal/mosquitto"
+)
+
+// killRig is a Mosquitto upstream and two sidecar processes in session mode
+// (A for the publisher, B for the subscriber) sharing a static group key,
+// each on a fixed port so that apps reconnect to it after a restart.
+type killRig struct {
+	t      *testing.T
+	dir    string
+	up     *mosquitto.Broker
+	addr   map[string]string // sidecar name -> its listen address
+	side   map[string]*sidecarProcess
+	sideMu sync.Mutex
+}
+
+func newKillRig(t *testing.T) *killRig {
+	t.Helper()
+	if _, ok := mosquitto.Available(); !ok {
+		t.Skip("mosquitto not installed")
+	}
+	dir := t.TempDir()
+	up, err := mosquitto.Start(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	if r := smqtt(t, dir, "keygen", "--group", "-o", "demo.key"); r.code != 0 {
+		t.Fatalf("keygen --group: %s", r.stderr)
+	}
+	k := &killRig{t: t, dir: dir, up: up, addr: map[string]string{}, side: map[string]*sidecarProcess{}}
+	for _, name := range []string{"a", "b"} {
+		k.addr[name] = freeAddr(t)
+		cfg := fmt.Sprintf(`
+sidecar:
+  mode: session
+  listen: ["tcp://%s"]
+  upstream: {url: %q, client_id: sidecar-%s}
+  protect:
+    - {topics: ["secure/#"], group: demo}
+  static_keys: {demo: demo.key}
+  data_dir: data-%s
+  queue: {sync: batch}
+`, k.addr[name], up.URL(), name, name)
+		if err := os.WriteFile(filepath.Join(dir, name+".yaml"), []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		k.start(name)
+	}
+	return k
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// start starts sidecar name and waits until it listens.
+func (k *killRig) start(name string) {
+	k.t.Helper()
+	p := startSidecar(k.t, k.dir, name+".yaml")
+	p.logged(k.t, "listening for local apps", "addr")
+	k.sideMu.Lock()
+	k.side[name] = p
+	k.sideMu.Unlock()
+}
+
+// startAsync starts sidecar name from a goroutine other than the test's.
+func (k *killRig) startAsync(name string) {
+	p := startSidecar(k.t, k.dir, name+".yaml")
+	k.sideMu.Lock()
+	k.side[name] = p
+	k.sideMu.Unlock()
+}
+
+// kill SIGKILLs sidecar name: no shutdown code runs, the kernel closes its
+// connections.
+func (k *killRig) kill(name string) {
+	k.t.Helper()
+	k.sideMu.Lock()
+	p := k.side[name]
+	k.sideMu.Unlock()
+	if err := p.cmd.Process.Kill(); err != nil {
+		k.t.Fatal(err)
+	}
+	<-p.done
+}
+
+// app connects a paho client to sidecar name, as an unmodified app that
+// keeps a persistent session and reconnects by itself.
+func (k *killRig) app(name, id string, onMessage paho.MessageHandler) paho.Client {
+	k.t.Helper()
+	o := paho.NewClientOptions().AddBroker("tcp://" + k.addr[name]).SetClientID(id).
+		SetCleanSession(false).SetAutoReconnect(true).SetConnectRetry(true).
+		SetConnectRetryInterval(50 * time.Millisecond).SetMaxReconnectInterval(100 * time.Millisecond).
+		SetConnectTimeout(2 * time.Second).SetOrderMatters(false).SetKeepAlive(5 * time.Second).
+		SetDefaultPublishHandler(onMessage)
+	c := paho.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		k.t.Fatalf("app %s on sidecar %s: %v", id, name, tok.Error())
+	}
+	k.t.Cleanup(func() { c.Disconnect(50) })
+	return c
+}
+
+// TestSessionModeLosesNothingWhenASidecarIsKilled: a QoS 1 stream of 20,000
+// messages at about 2,000 a second from an app on sidecar A to a
+// persistent-session app on sidecar B, while one of the sidecars is
+// SIGKILLed at five random points and started again. Every message
+// arrives (QoS 1 may duplicate), and a witness on the broker sees only
+// ciphertext.
+func TestSessionModeLosesNothingWhenASidecarIsKilled(t *testing.T) {
+	for _, victim := range []string{"b", "a"} {
+		t.Run("kill "+map[string]string{"a": "the sending sidecar", "b": "the receiving sidecar"}[victim], func(t *testing.T) {
+			killStream(t, victim, 20000, 1, 5)
+		})
+	}
+}
+
+const plainMark = "PLAINTEXT-MARK-"
+
+func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
+	k := newKillRig(t)
+	var (
+		mu   sync.Mutex
+		seen = make([]int, n)
+		got  atomic.Int64
+	)
+	k.app("b", "subscriber", func(_ paho.Client, m paho.Message) {
+		i, err := strconv.Atoi(strings.TrimPrefix(string(m.Payload()), plainMark))
+		if err != nil || i < 0 || i >= n {
+			t.Errorf("garbled payload %q", m.Payload())
+			return
+		}
+		mu.Lock()
+		if seen[i] == 0 {
+			got.Add(1)
+		}
+		seen[i]++
+		mu.Unlock()
+	}).Subscribe("secure/stream", qos, nil).Wait()
+
+	// A witness on the broker itself: every payload must be an envelope.
+	var leaked, witnessed atomic.Int64
+	witness := paho.NewClient(paho.NewClientOptions().AddBroker(k.up.URL()).SetClientID("witness").
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
+			witnessed.Add(1)
+			if bytes.Contains(m.Payload(), []byte(plainMark)) {
+				leaked.Add(1)
+			}
+		}))
+	if tok := witness.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	defer witness.Disconnect(50)
+	witness.Subscribe("secure/#", 0, nil).Wait()
+
+	pub := k.app("a", "publisher", nil)
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	// Kill points at random, at least 3,000 messages (1.5 s) apart so
+	// that the sidecar is back before the next one.
+	killAt := map[int]bool{}
+	for len(killAt) < kills {
+		i := n/20 + rng.IntN(n*9/10)
+		near := false
+		for j := range killAt {
+			near = near || i-j < 3000 && j-i < 3000
+		}
+		if !near {
+			killAt[i] = true
+		}
+	}
+	start := time.Now()
+	var toks []paho.Token
+	restarted := make(chan struct{}, 1)
+	restarted <- struct{}{}
+	for i := range n {
+		toks = append(toks, pub.Publish("secure/stream", qos, false, plainMark+strconv.Itoa(i)))
+		if killAt[i] {
+			<-restarted
+			down := time.Duration(200+rng.IntN(800)) * time.Millisecond
+			t.Logf("message %d: SIGKILL sidecar %s, down %v", i, victim, down)
+			k.kill(victim)
+			time.AfterFunc(down, func() {
+				k.startAsync(victim)
+				restarted <- struct{}{}
+			})
+		}
+		// about 2,000 messages a second
+		if ahead := time.Until(start.Add(time.Duration(i) * time.Second / 2000)); ahead > 0 {
+			time.Sleep(ahead)
+		}
+	}
+	<-restarted
+	for i, tok := range toks {
+		if !tok.WaitTimeout(60 * time.Second) {
+			t.Fatalf("publish %d never acknowledged", i)
+		}
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for got.Load() < int64(n) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond) // late duplicates
+	mu.Lock()
+	defer mu.Unlock()
+	var lost []int
+	dups := 0
+	for i, c := range seen {
+		if c == 0 {
+			lost = append(lost, i)
+		}
+		dups += max(c-1, 0)
+	}
+	t.Logf("%d messages, QoS %d, %d kills of sidecar %s: lost %d, duplicated %d; the witness saw %d envelopes, %d in clear",
+		n, qos, kills, victim, len(lost), dups, witnessed.Load(), leaked.Load())
+	if len(lost) > 0 {
+		t.Errorf("lost %d messages, the first %v", len(lost), lost[:min(len(lost), 20)])
+	}
+	if qos == 2 && dups > 0 {
+		t.Errorf("%d duplicates at QoS 2", dups)
+	}
+	if leaked.Load() > 0 {
+		t.Errorf("%d messages crossed the broker in clear", leaked.Load())
+	}
+	if witnessed.Load() == 0 {
+		t.Error("the witness saw nothing: it proves nothing")
+	}
+}
+
+// TestWillFiresWhenTheSendingSidecarIsKilled: an app on sidecar A has a
+// Will on a protected topic; A is SIGKILLed (the app's connection and A's
+// upstream connection drop, no DISCONNECT). The broker publishes the Will,
+// which a subscriber behind sidecar B reads in clear, while the broker saw
+// only its envelope.
+func TestWillFiresWhenTheSendingSidecarIsKilled(t *testing.T) {
+	k := newKillRig(t)
+	wills := make(chan paho.Message, 10)
+	k.app("b", "watcher", func(_ paho.Client, m paho.Message) { wills <- m }).Subscribe("secure/presence/+", 1, nil).Wait()
+	spy := make(chan []byte, 10)
+	witness := paho.NewClient(paho.NewClientOptions().AddBroker(k.up.URL()).SetClientID("witness").
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { spy <- m.Payload() }))
+	if tok := witness.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	defer witness.Disconnect(50)
+	witness.Subscribe("secure/presence/+", 1, nil).Wait()
+
+	o := paho.NewClientOptions().AddBroker("tcp://"+k.addr["a"]).SetClientID("device-7").
+		SetWill("secure/presence/device-7", plainMark+"device-7 went away", 1, false).SetAutoReconnect(false)
+	dev := paho.NewClient(o)
+	if tok := dev.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	select {
+	case m := <-wills:
+		t.Fatalf("a Will before anything died: %q", m.Payload())
+	case <-time.After(200 * time.Millisecond):
+	}
+	killed := time.Now()
+	k.kill("a")
+	select {
+	case m := <-wills:
+		if string(m.Payload()) != plainMark+"device-7 went away" || m.Topic() != "secure/presence/device-7" {
+			t.Fatalf("got %s %q", m.Topic(), m.Payload())
+		}
+		t.Logf("the Will reached the subscriber behind sidecar B %v after sidecar A was killed", time.Since(killed).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("no Will 10 s after the sidecar was killed")
+	}
+	select {
+	case p := <-spy:
+		if bytes.Contains(p, []byte(plainMark)) {
+			t.Fatalf("the broker saw the Will in clear: %q", p)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the witness on the broker saw no Will")
+	}
+}
