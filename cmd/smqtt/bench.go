@@ -14,6 +14,7 @@ import (
 
 	"github.com/smqtt/smqtt/gkd"
 	"github.com/smqtt/smqtt/internal/bench"
+	"github.com/smqtt/smqtt/proxy"
 )
 
 func runBench(args []string, stdout, stderr io.Writer) error {
@@ -45,6 +46,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	window := fs.Int("window", 1000, "publishes not yet acknowledged, per publisher")
 	timeout := fs.Duration("timeout", 60*time.Second, "each scenario stops after this long")
 	name := fs.String("name", "", "prefix of the scenario names (e.g. the upstream's name)")
+	mode := fs.String("mode", "session", "the sidecars' mode (passthrough, protected): session or bridge (scenario names get -bridge)")
 	topicRoot := fs.String("topic-root", "bench", "first level of the benchmark's topics (keeps it apart from other traffic on a shared broker)")
 	jsonOnly := fs.Bool("json", false, "print only the BENCH lines")
 	newLog := logFlags(fs, stderr, "error")
@@ -99,7 +101,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	rs, err := bench.Suite(ctx, bench.Options{
 		Name: *name, UpstreamURL: *upstream, ChainPub: *chainPub, ChainSub: *chainSub,
 		QoS: byte(*qos), Size: *size, Messages: *messages, Publishers: *publishers, Subscribers: *subscribers,
-		Rate: *rate, Window: *window, Timeout: *timeout, TopicRoot: *topicRoot, Progress: stderr, Logger: log,
+		Rate: *rate, Window: *window, Timeout: *timeout, TopicRoot: *topicRoot, Mode: proxy.Mode(*mode), Progress: stderr, Logger: log,
 	}, topos, nil)
 	if !*jsonOnly && len(rs) > 0 {
 		if werr := bench.WriteTable(stdout, rs); werr != nil {

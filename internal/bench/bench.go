@@ -99,15 +99,24 @@ type Options struct {
 	Timeout time.Duration
 	// Idle ends the scenario this long after the last delivery once every
 	// publisher is done, when messages were lost (default 2s).
-	Idle     time.Duration
+	Idle time.Duration
+	// Mode is the sidecars' relay (passthrough, protected): session (the
+	// default) or bridge.
+	Mode     proxy.Mode
 	Dir      string    // sidecar state; default a temporary directory
 	Progress io.Writer // one line per second while it runs; nil: none
 	Logger   *slog.Logger
 }
 
 func (o *Options) defaults() error {
+	if o.Mode == "" {
+		o.Mode = proxy.ModeSession
+	}
 	if o.Name == "" {
 		o.Name = o.Topology
+		if o.Mode == proxy.ModeBridge && (o.Topology == Passthrough || o.Topology == Protected) {
+			o.Name += "-bridge"
+		}
 	}
 	if o.Size == 0 {
 		o.Size = 256
@@ -151,6 +160,8 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("%w: messages, publishers, subscribers and window must be positive", ErrOptions)
 	case o.Rate < 0:
 		return fmt.Errorf("%w: rate %g is negative", ErrOptions, o.Rate)
+	case o.Mode != proxy.ModeSession && o.Mode != proxy.ModeBridge:
+		return fmt.Errorf("%w: mode %q is not session or bridge", ErrOptions, o.Mode)
 	case strings.ContainsAny(o.TopicRoot, "/+#\x00"):
 		return fmt.Errorf("%w: topic root %q is not one topic level", ErrOptions, o.TopicRoot)
 	}
@@ -199,7 +210,7 @@ func Suite(ctx context.Context, o Options, topologies []string, onResult func(Re
 	var out []Result
 	for _, t := range topologies {
 		so := o
-		so.Topology, so.Name = t, t
+		so.Topology, so.Name = t, ""
 		if o.Name != "" {
 			so.Name = o.Name + "-" + t
 		}
@@ -296,6 +307,7 @@ func (s *scenario) startSidecars(ctx context.Context) error {
 			rules = []proxy.Rule{{Filters: []string{s.prefix + "/#"}, Group: Group}}
 		}
 		sc, err := proxy.New(proxy.Options{
+			Mode:      o.Mode,
 			Listen:    []string{"tcp://127.0.0.1:0"},
 			Upstream:  proxy.UpstreamOptions{URL: o.UpstreamURL, ClientID: "bench-" + s.run + "-sidecar-" + side, MaxReconnectInterval: 200 * time.Millisecond},
 			Rules:     rules,
