@@ -18,7 +18,7 @@ import (
 //
 // varint is MQTT's Variable Byte Integer (1 to 4 bytes). The properties a
 // broker must act on (message expiry, topic alias, subscription identifiers)
-// stay in the clear, outside the envelope. docs/PROTOCOL.md section 1.9.
+// stay in the clear, outside the envelope. docs/PROTOCOL.md section 1.8.
 
 // MQTT 5 property identifiers that travel sealed.
 const (

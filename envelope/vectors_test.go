@@ -44,7 +44,7 @@ type vector struct {
 	Flags     uint8  `json:"flags"`
 	Plaintext string `json:"plaintext"`
 	// Props and Payload are set for vectors with FlagProps: the plaintext
-	// is varint len(props) ‖ props ‖ payload (section 1.9).
+	// is varint len(props) ‖ props ‖ payload (section 1.8).
 	Props    string `json:"props,omitempty"`
 	Payload  string `json:"payload,omitempty"`
 	Subkey   string `json:"subkey"`
