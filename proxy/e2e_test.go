@@ -11,6 +11,7 @@ import (
 
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/mosquitto"
+	"github.com/smqtt/smqtt/internal/mqtttest"
 	"github.com/smqtt/smqtt/proxy"
 )
 
@@ -21,8 +22,23 @@ type spy interface {
 
 // e2eSuite is the end-to-end behaviour every upstream must give: run against
 // the embedded mochi broker and against Mosquitto.
-func e2eSuite(t *testing.T, up upstream, seen spy) {
-	r := newRig(t, up)
+func e2eSuite(t *testing.T, mode proxy.Mode, up upstream, seen spy) {
+	r := newModeRig(t, mode, up)
+	// mochi 2.7.9 sometimes delivers a stored retained message to a new
+	// subscription twice, the second time as a live one (seen with plain
+	// clients straight on it). Bridge mode's local broker hides that; in
+	// session mode the app sees what the broker does, as without smqtt.
+	_, isMochi := up.(*embedded.Broker)
+	brokerRepeatsRetained := mode == proxy.ModeSession && isMochi
+	noMoreRetained := func(t *testing.T, a *mqtttest.App, topic, payload string, d time.Duration) {
+		t.Helper()
+		if brokerRepeatsRetained {
+			if m, ok := a.Next(d); ok && (m.Topic != topic || string(m.Payload) != payload) {
+				t.Fatalf("unexpected message %s %q", m.Topic, m.Payload)
+			}
+		}
+		expectNone(t, a, d)
+	}
 	a := r.sidecar(uniq("sidecar-a"), "")
 	b := r.sidecar(uniq("sidecar-b"), "")
 
@@ -74,14 +90,14 @@ func e2eSuite(t *testing.T, up upstream, seen spy) {
 		// Upstream may send B both copies when they raced; the second
 		// must reach B (and be held back from early) before late
 		// subscribes, or late rightly gets it live.
-		expectNone(t, early, 300*time.Millisecond)
+		noMoreRetained(t, early, topic, secret, 300*time.Millisecond)
 		late := r.app(b, uniq("late"))
 		must(t, late.Subscribe(topic, 1))
 		m := expect(t, late, topic, secret)
 		if !m.Retain {
 			t.Error("the stored retained message reached the late subscriber without retain set")
 		}
-		expectNone(t, late, 300*time.Millisecond)
+		noMoreRetained(t, late, topic, secret, 300*time.Millisecond)
 		expectNone(t, early, 10*time.Millisecond)
 		if seen != nil && seen.Contains([]byte(secret)) {
 			t.Fatal("upstream saw the retained plaintext")
@@ -92,7 +108,7 @@ func e2eSuite(t *testing.T, up upstream, seen spy) {
 		other := r.app(a, uniq("other"))
 		must(t, other.Subscribe(topic, 1))
 		expect(t, other, topic, secret)
-		expectNone(t, other, 300*time.Millisecond)
+		noMoreRetained(t, other, topic, secret, 300*time.Millisecond)
 
 		// clear: an empty retained publish
 		must(t, pub.Publish(topic, 1, true, nil))
@@ -154,15 +170,20 @@ func e2eSuite(t *testing.T, up upstream, seen spy) {
 		topic := "open/retained/" + uniq("t") // no earlier subscription covers it: no live copy races the retained one
 		pub := r.app(a, uniq("pub"))
 		must(t, pub.Publish(topic, 1, true, []byte("plain retained")))
-		// The app's PUBACK comes once A has queued it; the late subscriber
-		// must come after upstream holds it, or it gets the message live.
+		// The app's PUBACK comes once A has queued it (bridge mode) or once
+		// upstream has it (session mode; but mochi acknowledges before it
+		// routes and retains); the late subscriber must come after upstream
+		// holds it, or it gets the message live as well.
 		waitFor(t, func() bool { return a.QueueLen() == 0 }, "upstream acknowledges the retained message")
+		if e, ok := up.(*embedded.Broker); ok {
+			waitFor(t, func() bool { return len(e.Server().Topics.Messages(topic)) == 1 }, "upstream retains the message")
+		}
 		late := r.app(b, uniq("late"))
 		must(t, late.Subscribe(topic, 1))
 		if m := expect(t, late, topic, "plain retained"); !m.Retain {
 			t.Error("retained message delivered without retain set")
 		}
-		expectNone(t, late, 300*time.Millisecond)
+		noMoreRetained(t, late, topic, "plain retained", 300*time.Millisecond)
 		sub := r.app(b, uniq("sub"))
 		must(t, sub.Subscribe("plain/will/#", 1))
 		dieAbruptly(t, a, "plain/will/x", "gone")
@@ -219,7 +240,7 @@ func dieAbruptly(t *testing.T, sc interface{ Addrs() []net.Addr }, topic, payloa
 func TestEndToEndEmbedded(t *testing.T) {
 	bothModes(t, func(t *testing.T, mode proxy.Mode) {
 		up := embeddedUpstream(t, false)
-		e2eSuite(t, up, up.Spy)
+		e2eSuite(t, mode, up, up.Spy)
 	})
 }
 
@@ -232,8 +253,6 @@ func TestEndToEndMosquitto(t *testing.T) {
 		must(t, err)
 		t.Cleanup(func() { m.Close() })
 		s := newWireSpy(t, m.URL())
-		e2eSuite(t, m, s)
+		e2eSuite(t, mode, m, s)
 	})
 }
-
-var _ = embedded.Seen{}

@@ -8,7 +8,7 @@ package proxy
 //     binding, epoch key); anything that fails is dropped and counted,
 //     never delivered.
 //  4. Replay: a stored retained value (delivered by the broker with the
-//     retain flag) passes the host-wide retained register; a Will passes the
+//     retain flag) passes the session's retained register; a Will the
 //     session's Will register; anything else the session's windows
 //     (sessionstate.go). A replay is dropped and counted.
 //  5. Rebuild the PUBLISH: the plaintext, the sealed MQTT 5 properties back
@@ -194,7 +194,7 @@ func (a *appConn) openIn(p *publishPacket, group string) (mark sessionMark, mark
 	case h.Flags.Retain() && (p.retain() || h.Flags.Reseal()):
 		// A stored retained value (or one sealed again under a new epoch):
 		// it may come on every subscription, and is ordered per topic.
-		if !a.sc.state.freshRetained(p.topic, t) {
+		if !a.sc.state.sessionRetained(a.sess, p.topic, t) {
 			a.sc.limitedWarn("stale-retained", "dropped a stale retained message", "topic", p.topic, "group", group)
 			return mark, false, DropStaleRetain
 		}
@@ -208,7 +208,7 @@ func (a *appConn) openIn(p *publishPacket, group string) (mark sessionMark, mark
 			return mark, false, DropReplay
 		}
 		if h.Flags.Retain() {
-			a.sc.state.freshRetained(p.topic, t) // a live retained publish: the topic's newest value
+			a.sc.state.sessionRetained(a.sess, p.topic, t) // a live retained publish: the topic's newest value
 		}
 	}
 	p.payload = payload

@@ -27,8 +27,13 @@ package proxy
 //     older than everything their sender sealed since: they go through a
 //     register of triples instead of the windows, with the same floor rule
 //     (a Will this host saw before the session began is refused).
-//   - Retained deliveries go through the host-wide retained register, as in
-//     bridge mode.
+//   - Retained deliveries go through a register per session and topic, with
+//     the same floor rule: a value older than one this session had, or than
+//     the one this host knew when the session began, is refused (a broker
+//     cannot roll a topic back). Per session because the relayed
+//     connections run side by side: a session may legitimately be offered
+//     the value that was current when it subscribed after another session
+//     already had a newer one.
 //
 // A persistent session's state is logged in inbound.log and survives a
 // restart; a clean session's lives in memory and ends with its connection.
@@ -75,6 +80,13 @@ const (
 	maxSessionFilters = 4096
 	// maxWillsSeen bounds the host-wide register of Wills.
 	maxWillsSeen = 1 << 16
+	// retainedHistory is how many of a topic's latest retained values the
+	// host keeps with the generation they came in, to find a session's
+	// floor; a session older than all of them gets the oldest (stricter).
+	retainedHistory = 8
+	// maxSessionRetained bounds the topics a session's retained register
+	// holds; past it, one is forgotten (its floor applies again).
+	maxSessionRetained = 1 << 16
 	// noExpiry is MQTT 5's session expiry that never ends (and MQTT 3.1.1's
 	// persistent session).
 	noExpiry = 0xffffffff
@@ -92,9 +104,10 @@ type sessionState struct {
 	floor      map[senderKey]*envelope.ReplayWindow
 	windows    map[slotKey]*sessionWindow
 	perGroup   map[string]int
-	wills      map[retainedTriple]uint8 // Wills the app has had, and how many copies
-	subs       map[string]bool          // filters subscribed ($share/… ones included)
-	connection uint64                   // the connection that holds it now
+	wills      map[retainedTriple]uint8  // Wills the app has had, and how many copies
+	subs       map[string]bool           // filters subscribed ($share/… ones included)
+	retained   map[string]retainedTriple // the newest retained value of each topic it had
+	connection uint64                    // the connection that holds it now
 }
 
 type slotKey struct {
@@ -147,6 +160,7 @@ func (st *replayState) openSession(name string, present, logged bool, expiry uin
 		perGroup:   make(map[string]int),
 		wills:      make(map[retainedTriple]uint8),
 		subs:       make(map[string]bool),
+		retained:   make(map[string]retainedTriple),
 		connection: st.connections,
 	}
 	for k, w := range st.windows {
@@ -368,6 +382,77 @@ func (st *replayState) evictSessionWindowLocked(s *sessionState, group string) {
 	if s.logged {
 		st.pend = appendSessionForget(st.closeRun(), s.id, oldest)
 	}
+}
+
+// retainedVersion is one retained value of a topic and the host generation
+// it came in.
+type retainedVersion struct {
+	triple retainedTriple
+	gen    uint64
+}
+
+// olderRetained reports whether retained value t is older than cur: a lower
+// epoch, or the same sender's lower seq (values of different senders in one
+// epoch cannot be ordered).
+func olderRetained(t, cur retainedTriple) bool {
+	return t.Epoch < cur.Epoch || t.Epoch == cur.Epoch && t.Sender == cur.Sender && t.Seq < cur.Seq
+}
+
+// sessionRetained runs a retained value offered to session s through its
+// register: refused when older than the newest the session had on topic,
+// or (for a topic it has not had) than the newest this host had when the
+// session began. An accepted value is recorded, for the session and the
+// host.
+func (st *replayState) sessionRetained(s *sessionState, topic string, t retainedTriple) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	cur, ok := s.retained[topic]
+	if !ok {
+		cur, ok = st.retainedFloorLocked(topic, s.gen)
+	}
+	if ok && cur != t && olderRetained(t, cur) {
+		return false
+	}
+	if _, had := s.retained[topic]; !had && len(s.retained) >= maxSessionRetained {
+		for k := range s.retained {
+			delete(s.retained, k)
+			break
+		}
+	}
+	s.retained[topic] = t
+	if host, ok := st.retained[topic]; !ok || host != t && !olderRetained(t, host) {
+		st.retained[topic] = t
+		st.pend = appendRetainedFrame(st.closeRun(), topic, t)
+		h := append(st.retainedHist[topic], retainedVersion{t, st.gen})
+		if len(h) > retainedHistory {
+			h = h[len(h)-retainedHistory:]
+			st.retainedTrimmed[topic] = true
+		}
+		st.retainedHist[topic] = h
+	}
+	return true
+}
+
+// retainedFloorLocked is the newest retained value of topic this host had
+// when generation gen began.
+func (st *replayState) retainedFloorLocked(topic string, gen uint64) (retainedTriple, bool) {
+	h := st.retainedHist[topic]
+	if len(h) == 0 {
+		t, ok := st.retained[topic] // known before this process started
+		return t, ok
+	}
+	for i := len(h) - 1; i >= 0; i-- {
+		if h[i].gen < gen {
+			return h[i].triple, true
+		}
+	}
+	if st.retainedTrimmed[topic] {
+		return h[0].triple, true
+	}
+	if t, ok := st.retainedLoaded[topic]; ok {
+		return t, true
+	}
+	return retainedTriple{}, false
 }
 
 // commitSession marks that the app has the delivery m: its copy of the
@@ -610,6 +695,7 @@ func (st *replayState) applySession(r *inboundRecord) error {
 			perGroup: make(map[string]int),
 			wills:    make(map[retainedTriple]uint8),
 			subs:     make(map[string]bool),
+			retained: make(map[string]retainedTriple),
 		}
 		if old := st.sessions[s.name]; old != nil {
 			delete(st.sessionsByID, old.id)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -78,10 +79,16 @@ type replayState struct {
 	sessions     map[string]*sessionState // by upstream client id
 	sessionsByID map[uint64]*sessionState // the logged ones, by log id
 	willsSeen    map[retainedTriple]uint64
-	gen          uint64 // host generation: sessions begun so far
-	lastSID      uint64
-	connections  uint64
-	lastExpiry   time.Time
+	// retainedHist holds the latest values of each retained topic with the
+	// generation they came in; retainedLoaded the values loaded from the
+	// log (older than every generation of this process).
+	retainedHist    map[string][]retainedVersion
+	retainedTrimmed map[string]bool
+	retainedLoaded  map[string]retainedTriple
+	gen             uint64 // host generation: sessions begun so far
+	lastSID         uint64
+	connections     uint64
+	lastExpiry      time.Time
 
 	pend    []byte    // frames of changes not yet written
 	runKey  senderKey // the key of the accepted frame still open at pend's end
@@ -109,7 +116,10 @@ func newReplayState() *replayState {
 		sessions:     make(map[string]*sessionState),
 		sessionsByID: make(map[uint64]*sessionState),
 		willsSeen:    make(map[retainedTriple]uint64),
-		done:         make(chan struct{}),
+
+		retainedHist:    make(map[string][]retainedVersion),
+		retainedTrimmed: make(map[string]bool),
+		done:            make(chan struct{}),
 	}
 }
 
@@ -134,6 +144,7 @@ func openReplayState(dir string, sync queue.Sync) (*replayState, error) {
 		if err != nil {
 			return nil, fmt.Errorf("proxy: load inbound state %s: %w", path, err)
 		}
+		st.retainedLoaded = maps.Clone(st.retained)
 		now := time.Now().Unix()
 		for _, s := range st.sessions {
 			if s.leftAt == 0 {
