@@ -15,8 +15,10 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/smqtt/smqtt/internal/mosquitto"
+	"github.com/smqtt/smqtt/internal/mqttc"
 )
 
 // killRig is a Mosquitto upstream and two sidecar processes in session mode
@@ -139,6 +141,82 @@ func TestSessionModeLosesNothingWhenASidecarIsKilled(t *testing.T) {
 	}
 }
 
+// TestSessionModeQoS2ExactlyOnceWhenASidecarIsKilled: the same at QoS 2,
+// with a subscriber that keeps its session state across reconnects as MQTT
+// requires (the packet ids it acknowledged with PUBREC and awaits PUBREL
+// for): every message exactly once.
+func TestSessionModeQoS2ExactlyOnceWhenASidecarIsKilled(t *testing.T) {
+	for _, victim := range []string{"b", "a"} {
+		t.Run("kill "+map[string]string{"a": "the sending sidecar", "b": "the receiving sidecar"}[victim], func(t *testing.T) {
+			killStream(t, victim, 20000, 2, 5)
+		})
+	}
+}
+
+// qos2Subscriber is an app that subscribes once with a persistent session
+// and reconnects whenever its connection ends, carrying its session state
+// over; it calls onMessage for every PUBLISH it takes.
+func (k *killRig) qos2Subscriber(name, id, filter string, onMessage func(payload []byte)) {
+	k.t.Helper()
+	o := mqttc.Options{ClientID: id, Clean: false, Keepalive: 5, DialTimeout: 2 * time.Second}
+	c, _, err := mqttc.Connect(k.addr[name], o)
+	if err != nil || c == nil {
+		k.t.Fatalf("subscriber: %v", err)
+	}
+	if _, err := c.Subscribe(packets.Properties{}, packets.Subscription{Filter: filter, Qos: 2}); err != nil {
+		k.t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	k.t.Cleanup(func() { close(stop); <-done })
+	go func() {
+		defer close(done)
+		for {
+			for {
+				pk, ok := c.Next(50 * time.Millisecond)
+				if !ok {
+					break
+				}
+				onMessage(pk.Payload)
+			}
+			select {
+			case <-stop:
+				c.Close()
+				return
+			case <-c.Done():
+				for _, pk := range drainAll(c) {
+					onMessage(pk.Payload)
+				}
+				o.Session = c.Session()
+				for {
+					nc, ack, err := mqttc.Connect(k.addr[name], o)
+					if err == nil && nc != nil && ack.SessionPresent {
+						c = nc
+						break
+					}
+					select {
+					case <-stop:
+						return
+					case <-time.After(50 * time.Millisecond):
+					}
+				}
+			default:
+			}
+		}
+	}()
+}
+
+func drainAll(c *mqttc.Client) []packets.Packet {
+	var out []packets.Packet
+	for {
+		pk, ok := c.Next(0)
+		if !ok {
+			return out
+		}
+		out = append(out, pk)
+	}
+}
+
 const plainMark = "PLAINTEXT-MARK-"
 
 func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
@@ -148,10 +226,10 @@ func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
 		seen = make([]int, n)
 		got  atomic.Int64
 	)
-	k.app("b", "subscriber", func(_ paho.Client, m paho.Message) {
-		i, err := strconv.Atoi(strings.TrimPrefix(string(m.Payload()), plainMark))
+	count := func(payload []byte) {
+		i, err := strconv.Atoi(strings.TrimPrefix(string(payload), plainMark))
 		if err != nil || i < 0 || i >= n {
-			t.Errorf("garbled payload %q", m.Payload())
+			t.Errorf("garbled payload %q", payload)
 			return
 		}
 		mu.Lock()
@@ -160,7 +238,12 @@ func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
 		}
 		seen[i]++
 		mu.Unlock()
-	}).Subscribe("secure/stream", qos, nil).Wait()
+	}
+	if qos == 2 {
+		k.qos2Subscriber("b", "subscriber", "secure/stream", count)
+	} else {
+		k.app("b", "subscriber", func(_ paho.Client, m paho.Message) { count(m.Payload()) }).Subscribe("secure/stream", qos, nil).Wait()
+	}
 
 	// A witness on the broker itself: every payload must be an envelope.
 	var leaked, witnessed atomic.Int64
@@ -177,27 +260,44 @@ func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
 	defer witness.Disconnect(50)
 	witness.Subscribe("secure/#", 0, nil).Wait()
 
-	pub := k.app("a", "publisher", nil)
+	// QoS 1: paho, a common client. QoS 2: a client that keeps its
+	// session's outbound state across reconnects as MQTT requires (paho
+	// does not: it can send a PUBLISH again after its PUBREC, which a
+	// broker takes for a new message, with or without smqtt).
+	var publish func(i int) paho.Token
+	var q2 *mqttc.Publisher
+	if qos == 2 {
+		var err error
+		if q2, err = mqttc.NewPublisher(k.addr["a"], mqttc.Options{ClientID: "publisher", Keepalive: 5, DialTimeout: 2 * time.Second}, 1000); err != nil {
+			t.Fatal(err)
+		}
+		defer q2.Close()
+		publish = func(i int) paho.Token {
+			if err := q2.Publish(packets.Packet{FixedHeader: packets.FixedHeader{Qos: 2}, TopicName: "secure/stream", Payload: []byte(plainMark + strconv.Itoa(i))}); err != nil {
+				t.Error(err)
+			}
+			return nil
+		}
+	} else {
+		pub := k.app("a", "publisher", nil)
+		publish = func(i int) paho.Token { return pub.Publish("secure/stream", qos, false, plainMark+strconv.Itoa(i)) }
+	}
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
-	// Kill points at random, at least 3,000 messages (1.5 s) apart so
-	// that the sidecar is back before the next one.
+	// Kill points at random, one in the middle half of each of kills
+	// equal stretches of the stream.
 	killAt := map[int]bool{}
-	for len(killAt) < kills {
-		i := n/20 + rng.IntN(n*9/10)
-		near := false
-		for j := range killAt {
-			near = near || i-j < 3000 && j-i < 3000
-		}
-		if !near {
-			killAt[i] = true
-		}
+	seg := n * 9 / 10 / kills
+	for k := range kills {
+		killAt[n/20+k*seg+seg/4+rng.IntN(seg/2)] = true
 	}
 	start := time.Now()
 	var toks []paho.Token
 	restarted := make(chan struct{}, 1)
 	restarted <- struct{}{}
 	for i := range n {
-		toks = append(toks, pub.Publish("secure/stream", qos, false, plainMark+strconv.Itoa(i)))
+		if tok := publish(i); tok != nil {
+			toks = append(toks, tok)
+		}
 		if killAt[i] {
 			<-restarted
 			down := time.Duration(200+rng.IntN(800)) * time.Millisecond
@@ -219,6 +319,9 @@ func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
 			t.Fatalf("publish %d never acknowledged", i)
 		}
 	}
+	if q2 != nil && !q2.Wait(60*time.Second) {
+		t.Fatal("QoS 2 publishes never acknowledged")
+	}
 	deadline := time.Now().Add(60 * time.Second)
 	for got.Load() < int64(n) && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
@@ -226,13 +329,19 @@ func killStream(t *testing.T, victim string, n int, qos byte, kills int) {
 	time.Sleep(500 * time.Millisecond) // late duplicates
 	mu.Lock()
 	defer mu.Unlock()
-	var lost []int
+	var lost, duped []int
 	dups := 0
 	for i, c := range seen {
 		if c == 0 {
 			lost = append(lost, i)
 		}
+		if c > 1 {
+			duped = append(duped, i)
+		}
 		dups += max(c-1, 0)
+	}
+	if len(duped) > 0 {
+		t.Logf("duplicated: %v", duped[:min(len(duped), 40)])
 	}
 	t.Logf("%d messages, QoS %d, %d kills of sidecar %s: lost %d, duplicated %d; the witness saw %d envelopes, %d in clear",
 		n, qos, kills, victim, len(lost), dups, witnessed.Load(), leaked.Load())

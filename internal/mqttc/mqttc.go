@@ -468,6 +468,26 @@ func (c *Client) PublishAsync(pk packets.Packet) (<-chan Acks, error) {
 	return ch, nil
 }
 
+// Release sends the PUBREL of a QoS 2 PUBLISH whose PUBREC arrived on an
+// earlier connection of the session (MQTT's resend after a reconnect) and
+// waits for its PUBCOMP.
+func (c *Client) Release(id uint16) (packets.Packet, error) {
+	f, err := c.register(id, packets.Publish)
+	if err != nil {
+		return packets.Packet{}, fmt.Errorf("mqttc: release %d: %w", id, err)
+	}
+	f.qos = 2
+	f.acks.Pubrec = packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: id}
+	if err := c.writePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: id}); err != nil {
+		c.forget(f)
+		return packets.Packet{}, err
+	}
+	if err := c.await(f, "PUBCOMP"); err != nil {
+		return packets.Packet{}, err
+	}
+	return f.acks.Pubcomp, nil
+}
+
 func (c *Client) sendPublish(pk packets.Packet) (*flight, error) {
 	pk.FixedHeader.Type = packets.Publish
 	if pk.Properties.TopicAlias > 0 {
@@ -497,10 +517,11 @@ func (c *Client) awaitPublish(f *flight) (Acks, error) {
 	if f.qos == 2 {
 		want = "PUBREC/PUBCOMP"
 	}
-	if err := c.await(f, want); err != nil {
-		return Acks{}, err
-	}
-	return f.acks, nil
+	err := c.await(f, want)
+	c.mu.Lock()
+	a := f.acks // on an error, what arrived before it (a PUBREC, say)
+	c.mu.Unlock()
+	return a, err
 }
 
 // await waits for f to complete, for AckTimeout, or for the connection to end.
