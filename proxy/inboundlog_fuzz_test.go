@@ -16,6 +16,13 @@ func FuzzInboundLog(f *testing.F) {
 		st.accept("h", 2, 8, seq*100)
 	}
 	st.freshRetained("secure/r", retainedTriple{Epoch: 1, Sender: 7, Seq: 9})
+	// a persistent app session with windows, a subscription and a Will
+	s := st.openSession("app-1", false, true, 60)
+	st.sessionSubscribed(s, "secure/#", true)
+	st.commitSession(s, sessionMark{key: senderKey{"g", 1, 7}, seq: 44})
+	st.commitSession(s, sessionMark{slot: 1, key: senderKey{"g", 1, 7}, seq: 44})
+	st.commitSession(s, sessionMark{will: true, triple: retainedTriple{Epoch: 1, Sender: 7, Seq: 2}})
+	st.closeSession(s, s.connection, 60)
 	st.closeRunLocked()
 	log := append([]byte(inboundLogMagic), st.pend...)
 	f.Add(log)
@@ -52,6 +59,22 @@ func FuzzInboundLog(f *testing.F) {
 		for topic, v := range st.retained {
 			if again.retained[topic] != v {
 				t.Fatalf("register %q differs after a snapshot", topic)
+			}
+		}
+		if len(again.sessions) != len(st.sessions) {
+			t.Fatalf("the snapshot has %d sessions, the state %d", len(again.sessions), len(st.sessions))
+		}
+		for name, s := range st.sessions {
+			a := again.sessions[name]
+			if a == nil || len(a.windows) != len(s.windows) || len(a.subs) != len(s.subs) || len(a.wills) != len(s.wills) || a.expiry != s.expiry {
+				t.Fatalf("session %q differs after a snapshot", name)
+			}
+			for k, w := range s.windows {
+				x, _ := w.MarshalBinary()
+				y, _ := a.windows[k].MarshalBinary()
+				if !bytes.Equal(x, y) {
+					t.Fatalf("session %q window %+v differs after a snapshot", name, k)
+				}
 			}
 		}
 	})
