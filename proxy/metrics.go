@@ -29,6 +29,7 @@ type Metrics struct {
 	Connected   prometheus.Gauge
 	Reconnects  prometheus.Counter
 	Subscribed  prometheus.Gauge // filters mirrored upstream
+	Sessions    prometheus.Gauge // session mode: app connections relayed now
 	registerers []prometheus.Collector
 }
 
@@ -59,7 +60,11 @@ func newMetrics(reg prometheus.Registerer, queueDepth func() float64) *Metrics {
 			Help: "Topic filters mirrored upstream.",
 		}),
 	}
-	m.registerers = []prometheus.Collector{m.Messages, m.Dropped, m.QueueDepth, m.Connected, m.Reconnects, m.Subscribed}
+	m.Sessions = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "smqtt_sidecar_sessions",
+		Help: "Session mode: app connections relayed upstream now, each with an upstream session of its own.",
+	})
+	m.registerers = []prometheus.Collector{m.Messages, m.Dropped, m.QueueDepth, m.Connected, m.Reconnects, m.Subscribed, m.Sessions}
 	if reg != nil {
 		for _, c := range m.registerers {
 			_ = reg.Register(c)

@@ -275,7 +275,11 @@ func (r *relay) serve(c net.Conn) {
 		return
 	}
 	r.sessions.Add(1)
-	defer r.sessions.Add(-1)
+	r.sc.metrics.Sessions.Inc()
+	defer func() {
+		r.sessions.Add(-1)
+		r.sc.metrics.Sessions.Dec()
+	}()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
