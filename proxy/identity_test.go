@@ -1,17 +1,22 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/smqtt/smqtt/envelope"
+	"github.com/smqtt/smqtt/internal/mosquitto"
 	"github.com/smqtt/smqtt/internal/mqttc"
 	"github.com/smqtt/smqtt/keyclient"
 	"github.com/smqtt/smqtt/proxy"
@@ -171,3 +176,83 @@ func TestSessionModeUpstreamIdentity(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionModeRespectsTheBrokersMaximumPacketSize: an MQTT 5 app is
+// told the broker's maximum packet size less what sealing adds; a protected
+// publish within it reaches the broker sealed; one above it ends the app's
+// connection with DISCONNECT 0x95, as the broker itself does to a client
+// that exceeds its limit, and never reaches the broker, truncated or not.
+func TestSessionModeRespectsTheBrokersMaximumPacketSize(t *testing.T) {
+	const limit = 1024
+	if _, ok := mosquitto.Available(); !ok {
+		t.Skip("mosquitto not installed")
+	}
+	up, err := mosquitto.StartWith(t.TempDir(), fmt.Sprintf("max_packet_size %d", limit))
+	must(t, err)
+	t.Cleanup(func() { up.Close() })
+	upAddr := up.Addr()
+	var key envelope.GroupKey
+	sc := identitySidecar(t, upAddr, func(o *proxy.Options) {
+		ring := keyclient.NewRing()
+		must(t, ring.AddStatic("demo", key))
+		o.Keys, o.Rules = ring, testRules
+	})
+
+	witness, _, err := mqttc.Connect(upAddr, mqttc.Options{Version: 5, Clean: true, ClientID: "witness"})
+	must(t, err)
+	defer witness.Close()
+	_, err = witness.Subscribe(packets.Properties{}, packets.Subscription{Filter: "secure/big", Qos: 1})
+	must(t, err)
+
+	// The broker alone, for reference: above its limit, DISCONNECT 0x95.
+	direct, dack, err := mqttc.Connect(upAddr, mqttc.Options{Version: 5, Clean: true, ClientID: "direct"})
+	must(t, err)
+	if dack.Properties.MaximumPacketSize != limit {
+		t.Fatalf("the broker advertises %d", dack.Properties.MaximumPacketSize)
+	}
+	direct.PublishAsync(packets.Packet{FixedHeader: packets.FixedHeader{Qos: 1}, TopicName: "secure/big", Payload: bytes.Repeat([]byte("d"), limit)})
+	<-direct.Done()
+	ref, _ := direct.ServerDisconnect()
+
+	c, ack, err := mqttc.Connect(sc, mqttc.Options{Version: 5, Clean: true, ClientID: "app"})
+	must(t, err)
+	told := ack.Properties.MaximumPacketSize
+	if told != limit-45 {
+		t.Fatalf("the app is told a maximum packet size of %d, want %d", told, limit-45)
+	}
+	// the largest publish it may send: a 2-byte topic length, 10 bytes of
+	// topic, 2 of packet id, 1 of property length, 2 of remaining length,
+	// 1 of header
+	fits := int(told) - (1 + 2 + 2 + 10 + 2 + 1)
+	if _, err := c.Publish(packets.Packet{FixedHeader: packets.FixedHeader{Qos: 1}, TopicName: "secure/big", Payload: bytes.Repeat([]byte("f"), fits)}); err != nil {
+		t.Fatalf("a publish of exactly the maximum it was told: %v", err)
+	}
+	c.PublishAsync(packets.Packet{FixedHeader: packets.FixedHeader{Qos: 1}, TopicName: "secure/big", Payload: bytes.Repeat([]byte("x"), fits+1)})
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("an app above its maximum packet size is still connected")
+	}
+	d, ok := c.ServerDisconnect()
+	if !ok || d.ReasonCode != ref.ReasonCode || d.ReasonCode != 0x95 {
+		t.Fatalf("DISCONNECT %v 0x%02x, the broker alone sends 0x%02x", ok, d.ReasonCode, ref.ReasonCode)
+	}
+	// The broker got the publish that fit, whole and sealed, and nothing else.
+	pk, ok := witness.Next(5 * time.Second)
+	if !ok || len(pk.Payload) != fits+envelope.Overhead {
+		t.Fatalf("the broker got %v a payload of %d bytes, want the sealed %d", ok, len(pk.Payload), fits+envelope.Overhead)
+	}
+	if pk, ok := witness.Next(300 * time.Millisecond); ok {
+		t.Fatalf("the broker got a second publish of %d bytes", len(pk.Payload))
+	}
+}
+
+// allowAll admits every client.
+type allowAll struct{ mqtt.HookBase }
+
+func (allowAll) ID() string { return "allow-all" }
+func (allowAll) Provides(b byte) bool {
+	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
+}
+func (allowAll) OnConnectAuthenticate(*mqtt.Client, packets.Packet) bool { return true }
+func (allowAll) OnACLCheck(*mqtt.Client, string, bool) bool              { return true }

@@ -227,6 +227,7 @@ type appConn struct {
 	// the most upstream takes.
 	appMaxPacket uint32
 	upMaxPacket  uint32
+	toldMax      uint32 // the maximum packet size the app was told (0: none)
 	aliasMax     uint16 // topic aliases the app may use (the broker's)
 
 	// outbound (the app's reader)
@@ -554,7 +555,8 @@ func (a *appConn) begin(cp, up *appConnect, ack *appConnack) {
 		}
 		if v, ok := propU32(ack.props, propMaximumPacketSize); ok {
 			a.upMaxPacket = v
-			ack.props = setU32Prop(ack.props, propMaximumPacketSize, uint32(max(int64(v)-sealGrowthMax, 1)))
+			a.toldMax = uint32(max(int64(v)-sealGrowthMax, 1))
+			ack.props = setU32Prop(ack.props, propMaximumPacketSize, a.toldMax)
 		}
 		if v, ok := findProp(ack.props, propTopicAliasMaximum); ok && len(v) == 2 {
 			a.aliasMax = uint16(v[0])<<8 | uint16(v[1])

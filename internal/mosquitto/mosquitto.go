@@ -35,7 +35,11 @@ func Available() (string, bool) {
 }
 
 // Start starts mosquitto with persistence in dir, on a free loopback port.
-func Start(dir string) (*Broker, error) {
+func Start(dir string) (*Broker, error) { return StartWith(dir) }
+
+// StartWith is Start with extra configuration lines (e.g.
+// "max_packet_size 1024").
+func StartWith(dir string, extra ...string) (*Broker, error) {
 	bin, ok := Available()
 	if !ok {
 		return nil, errors.New("mosquitto not installed")
@@ -60,6 +64,9 @@ log_dest stderr
 log_type error
 log_type warning
 `, port, dir)
+	for _, l := range extra {
+		conf += l + "\n"
+	}
 	if os.Geteuid() == 0 {
 		// As root, mosquitto switches to the "mosquitto" user, which cannot
 		// write the persistence file into our directory: stay root.
