@@ -122,7 +122,7 @@ func (d *demo) run(n int) error {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		d.nodes = append(d.nodes, node)
-		fmt.Fprintf(d.out, "%-18s %s  protects secure/#  ← legacy-app-%d\n", name, node.URL(), i+1)
+		fmt.Fprintf(d.out, "%-18s %s  protects secure/#, %s mode  ← legacy-app-%d\n", name, node.URL(), node.Side.Mode(), i+1)
 	}
 	epoch, err := fleet.Settle(10*time.Second, d.nodes...)
 	if err != nil {
