@@ -21,8 +21,12 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "rekey" {
 		return runBenchRekey(args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "idle" {
+		return runBenchIdle(args[1:], stdout, stderr)
+	}
 	fs := newFlags("bench", `bench [--topologies direct,passthrough,protected] [--upstream URL] [--qos N] [--size N] [--messages N] ...
        smqtt bench rekey -h     (key distribution: joins and the rekey after a leave)
+       smqtt bench idle -h      (memory per idle app connection of a sidecar process)
 
 Drives real MQTT clients through each topology and prints a table, then one
 "BENCH {json}" line per scenario. Apps, sidecars and (unless --upstream) the
@@ -211,4 +215,98 @@ scenarios:
 		fmt.Fprintln(stdout, r.Line())
 	}
 	return runErr
+}
+
+func runBenchIdle(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("bench idle", `bench idle --url tcp://HOST:PORT --pid PID[,PID...] [--connections 1000] [--subscribe] [--json]
+bench idle --in-process direct,session,bridge --upstream URL [--connections 1000] [--subscribe] [--json]
+
+Memory per idle application connection: reads the resident set size
+(/proc/PID/status VmRSS) of each --pid (a sidecar, and e.g. its upstream
+broker), opens --connections MQTT 3.1.1 connections to --url that then stay
+silent (with --subscribe each first subscribes to a topic of its own), reads
+the RSS again once all are open and --settle has passed, and once more after
+they closed. The per-connection figure is for the first --pid.
+
+With --in-process, each named target runs in this process instead (direct:
+the connections go to --upstream itself, which measures the clients' own
+cost; session, bridge: a sidecar in that mode, connected to --upstream), and
+the Go heap and stacks in use are measured too.`, stderr)
+	target := fs.String("url", "", "where the idle apps connect (tcp://host:port), e.g. a sidecar's listener")
+	pids := fs.String("pid", "", "comma-separated process ids whose RSS to read; the first is the measured one")
+	conns := fs.Int("connections", 1000, "idle connections to open")
+	subscribe := fs.Bool("subscribe", false, "each connection subscribes to a topic of its own (QoS 1)")
+	settle := fs.Duration("settle", 2*time.Second, "wait before each reading")
+	keepAlive := fs.Duration("keepalive", 300*time.Second, "keep-alive in the CONNECT (the connections send no PINGREQ)")
+	name := fs.String("name", "idle", "scenario name (with --in-process: the prefix of each target's)")
+	inProcess := fs.String("in-process", "", "comma-separated targets run in this process: direct, session, bridge (needs --upstream)")
+	upstream := fs.String("upstream", "", "with --in-process: the upstream broker URL")
+	jsonOnly := fs.Bool("json", false, "print only the BENCH lines")
+	newLog := logFlags(fs, stderr, "error")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	log, err := newLog()
+	if err != nil {
+		return err
+	}
+	var targets []string
+	var ps []int
+	if *inProcess != "" {
+		if *target != "" || *pids != "" || *upstream == "" {
+			return fmt.Errorf("bench idle: --in-process needs --upstream, and takes no --url or --pid")
+		}
+		for _, t := range strings.Split(*inProcess, ",") {
+			t = strings.TrimSpace(t)
+			if t != "direct" && t != string(proxy.ModeSession) && t != string(proxy.ModeBridge) {
+				return fmt.Errorf("--in-process: %q is not direct, session or bridge", t)
+			}
+			targets = append(targets, t)
+		}
+	} else {
+		if *target == "" || *pids == "" {
+			return fmt.Errorf("bench idle: --url and --pid (or --in-process and --upstream) are required")
+		}
+		for _, s := range strings.Split(*pids, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(s))
+			if err != nil || n <= 0 {
+				return fmt.Errorf("--pid: %q is not a process id", s)
+			}
+			ps = append(ps, n)
+		}
+		targets = []string{""}
+	}
+	if *conns < 1 {
+		return fmt.Errorf("--connections: %d must be at least 1", *conns)
+	}
+	if *settle <= 0 {
+		return fmt.Errorf("--settle: %s must be positive", *settle)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var rs []bench.IdleResult
+	for _, t := range targets {
+		n := *name
+		if t != "" {
+			n += "-" + t
+		}
+		r, err := bench.Idle(ctx, bench.IdleOptions{
+			Name: n, URL: *target, Connections: *conns, PIDs: ps, Subscribe: *subscribe,
+			KeepAlive: *keepAlive, Settle: *settle, InProcess: t, UpstreamURL: *upstream, Logger: log, Progress: stderr,
+		})
+		if err != nil {
+			return err
+		}
+		rs = append(rs, r...)
+	}
+	if !*jsonOnly {
+		if err := bench.WriteIdleTable(stdout, rs); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout)
+	}
+	for _, r := range rs {
+		fmt.Fprintln(stdout, r.Line())
+	}
+	return nil
 }

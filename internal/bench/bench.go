@@ -19,7 +19,10 @@
 // Run measures one scenario; Suite runs several against one upstream broker
 // (an embedded mochi-mqtt when none is given) so their figures compare.
 // Rekey (rekey.go) measures group key distribution instead: joins and the
-// rekey fan-out after a leave.
+// rekey fan-out after a leave; Idle (idle.go) the memory an idle app
+// connection costs a sidecar. The apps' connections read through a buffer
+// and coalesce their writes (conn.go), so that the load generator is not
+// what limits the path it measures.
 //
 // Results print as a table (WriteTable) and as one machine-readable line per
 // scenario, "BENCH " followed by a JSON object with fixed keys (Result.Line).
@@ -306,31 +309,13 @@ func (s *scenario) startSidecars(ctx context.Context) error {
 			}
 			rules = []proxy.Rule{{Filters: []string{s.prefix + "/#"}, Group: Group}}
 		}
-		sc, err := proxy.New(proxy.Options{
-			Mode:      o.Mode,
-			Listen:    []string{"tcp://127.0.0.1:0"},
-			Upstream:  proxy.UpstreamOptions{URL: o.UpstreamURL, ClientID: "bench-" + s.run + "-sidecar-" + side, MaxReconnectInterval: 200 * time.Millisecond},
-			Rules:     rules,
-			Keys:      ring,
-			DataDir:   filepath.Join(dir, s.run+"-"+side),
-			Queue:     queue.Options{Sync: queue.SyncBatch},
-			NoKeyWait: 5 * time.Second,
-			Logger:    o.Logger,
-		})
+		sc, url, err := startSidecar(ctx, o.Mode, o.UpstreamURL, "bench-"+s.run+"-sidecar-"+side, filepath.Join(dir, s.run+"-"+side), rules, ring, o.Logger)
+		if sc != nil {
+			s.sidecars = append(s.sidecars, sc)
+		}
 		if err != nil {
 			return fmt.Errorf("sidecar %s: %w", side, err)
 		}
-		s.sidecars = append(s.sidecars, sc)
-		if err := sc.Start(); err != nil {
-			return fmt.Errorf("sidecar %s: %w", side, err)
-		}
-		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err = sc.WaitConnected(wctx)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("sidecar %s: connect %s: %w", side, o.UpstreamURL, err)
-		}
-		url := "tcp://" + sc.Addrs()[0].String()
 		if side == "pub" {
 			s.pubURL = url
 		} else {
@@ -338,6 +323,36 @@ func (s *scenario) startSidecars(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// startSidecar starts a sidecar in this process and waits until it is
+// connected upstream; it returns the URL its apps connect to. A sidecar it
+// returns with an error still needs closing.
+func startSidecar(ctx context.Context, mode proxy.Mode, upstream, clientID, dir string, rules []proxy.Rule, ring *keyclient.Ring, log *slog.Logger) (*proxy.Sidecar, string, error) {
+	sc, err := proxy.New(proxy.Options{
+		Mode:      mode,
+		Listen:    []string{"tcp://127.0.0.1:0"},
+		Upstream:  proxy.UpstreamOptions{URL: upstream, ClientID: clientID, MaxReconnectInterval: 200 * time.Millisecond},
+		Rules:     rules,
+		Keys:      ring,
+		DataDir:   dir,
+		Queue:     queue.Options{Sync: queue.SyncBatch},
+		NoKeyWait: 5 * time.Second,
+		Logger:    log,
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	if err := sc.Start(); err != nil {
+		return sc, "", err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err = sc.WaitConnected(wctx)
+	cancel()
+	if err != nil {
+		return sc, "", fmt.Errorf("connect %s: %w", upstream, err)
+	}
+	return sc, "tcp://" + sc.Addrs()[0].String(), nil
 }
 
 // probe publishes on the probe topic until every subscriber has one: then
@@ -652,6 +667,9 @@ func connect(url, id string, onMessage paho.MessageHandler) (paho.Client, error)
 		SetKeepAlive(30 * time.Second).
 		SetConnectTimeout(5 * time.Second).
 		SetMessageChannelDepth(10000)
+	if bufferedScheme(url) {
+		opts.SetCustomOpenConnectionFn(dialApp)
+	}
 	if onMessage != nil {
 		opts.SetDefaultPublishHandler(onMessage)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/smqtt/smqtt/gkd"
 	"github.com/smqtt/smqtt/internal/embedded"
+	"github.com/smqtt/smqtt/proxy"
 )
 
 var resultKeys = []string{"name", "topology", "qos", "size", "sent", "received", "lost", "dup", "ooo",
@@ -166,9 +167,11 @@ func TestRekeyRefusesSchemesWithoutRekeys(t *testing.T) {
 //
 //	go test -run '^$' -bench 'Path/protected/qos1' -benchtime 20000x -cpuprofile cpu.out ./internal/bench
 //
-// SMQTT_BENCH_UPSTREAM names another upstream broker (e.g. a Mosquitto).
+// SMQTT_BENCH_UPSTREAM names another upstream broker (e.g. a Mosquitto);
+// SMQTT_BENCH_MODE=bridge runs the sidecars in bridge mode (default session).
 func BenchmarkPath(b *testing.B) {
 	url := os.Getenv("SMQTT_BENCH_UPSTREAM")
+	mode := proxy.Mode(os.Getenv("SMQTT_BENCH_MODE"))
 	if url == "" {
 		up, err := embedded.Start(embedded.Options{})
 		if err != nil {
@@ -181,7 +184,7 @@ func BenchmarkPath(b *testing.B) {
 		for _, qos := range []byte{0, 1} {
 			b.Run(fmt.Sprintf("%s/qos%d", topo, qos), func(b *testing.B) {
 				r, err := Run(context.Background(), Options{
-					Topology: topo, UpstreamURL: url, QoS: qos, Messages: b.N, Dir: b.TempDir(),
+					Topology: topo, UpstreamURL: url, QoS: qos, Messages: b.N, Mode: mode, Dir: b.TempDir(),
 				})
 				if err != nil {
 					b.Fatal(err)
@@ -222,5 +225,40 @@ func TestTopicRootNamesEveryTopic(t *testing.T) {
 	}
 	if benchTopics < 200 {
 		t.Fatalf("%d messages under the topic root on the broker, want at least 200", benchTopics)
+	}
+}
+
+// TestIdleCountsEveryConnection: idle connections, subscribed, to an
+// embedded broker in this process; the RSS readings are this process's.
+func TestIdleCountsEveryConnection(t *testing.T) {
+	up, err := embedded.Start(embedded.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	rs, err := Idle(context.Background(), IdleOptions{
+		URL: up.URL(), Connections: 40, PIDs: []int{os.Getpid()}, Subscribe: true, Settle: 10 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs) != 1 {
+		t.Fatalf("got %d results, want 1", len(rs))
+	}
+	r := rs[0]
+	if r.Connections != 40 || !r.Subscribed || r.PID != os.Getpid() || r.RSSBefore <= 0 || r.RSSAfter <= 0 || r.RSSClosed <= 0 {
+		t.Errorf("implausible result: %+v", r)
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(r.Line(), LinePrefix)), &m); err != nil {
+		t.Fatalf("line %q: %v", r.Line(), err)
+	}
+	for _, k := range []string{"name", "connections", "pid", "rss_before_mib", "rss_after_mib", "kib_per_conn"} {
+		if _, ok := m[k]; !ok {
+			t.Errorf("line %q lacks key %q", r.Line(), k)
+		}
+	}
+	if _, err := Idle(context.Background(), IdleOptions{URL: up.URL(), Connections: 1}); !errors.Is(err, ErrOptions) {
+		t.Errorf("Idle without a pid: %v, want ErrOptions", err)
 	}
 }
