@@ -224,7 +224,7 @@ func (b *bridge) dial() (*session, error) {
 		return nil, fmt.Errorf("upstream URL %q: %w", b.opts.URL, b.urlErr)
 	}
 	po := b.opts.Paho(b.opts.ClientID) // the defaults the key client uses too
-	conn, err := dialBridge(b.url, po)
+	conn, err := dialBridge(b.url, po, upstreamReadBuffer)
 	if err != nil {
 		return nil, err
 	}
@@ -253,9 +253,9 @@ func (b *bridge) dial() (*session, error) {
 
 // dialBridge dials u as paho would, through a proxy named by the
 // environment if there is one, and batches the connection.
-func dialBridge(u *url.URL, po *paho.ClientOptions) (net.Conn, error) {
+func dialBridge(u *url.URL, po *paho.ClientOptions, readBuffer int) (net.Conn, error) {
 	if !proxyFromEnvironment() {
-		return dialUpstream(u, *po)
+		return dialUpstream(u, *po, readBuffer)
 	}
 	d := proxy.FromEnvironmentUsing(&net.Dialer{Timeout: 30 * time.Second})
 	switch u.Scheme {
@@ -282,7 +282,7 @@ func dialBridge(u *url.URL, po *paho.ClientOptions) (net.Conn, error) {
 		}
 		conn = tc
 	}
-	return newBatchedConn(conn, upstreamReadBuffer, writeTimeout), nil
+	return newBatchedConn(conn, readBuffer, writeTimeout), nil
 }
 
 // resume writes every unacknowledged publish again, in order, on a new

@@ -50,8 +50,9 @@ import (
 const (
 	// connectWait bounds the wait for an app's CONNECT after it connects.
 	connectWait = 10 * time.Second
-	// sessionReadBuffer is the read buffer of both sides of a relayed
-	// connection.
+	// sessionReadBuffer is the largest read buffer of each side of a
+	// relayed connection; it starts small (growingReader), so an idle
+	// app connection holds little.
 	sessionReadBuffer = 32 << 10
 	// sealGrowthMax is the most sealing can add to a PUBLISH: the envelope's
 	// 38 bytes, up to 4 for the sealed properties' length, up to 3 for a
@@ -171,7 +172,7 @@ func (r *relay) connected() bool {
 func (r *relay) probe() error {
 	o := r.sc.opts.Upstream
 	po := o.Paho(o.ClientID)
-	c, err := dialBridge(r.url, po)
+	c, err := dialBridge(r.url, po, 0)
 	if err != nil {
 		return err
 	}
@@ -255,7 +256,7 @@ type appConn struct {
 
 // serve runs one app connection from its CONNECT to its end.
 func (r *relay) serve(c net.Conn) {
-	local := newBatchedConn(c, sessionReadBuffer, localWriteTimeout)
+	local := newBatchedConn(c, -sessionReadBuffer, localWriteTimeout)
 	a := &appConn{r: r, sc: r.sc, local: local}
 	r.mu.Lock()
 	if r.closed {
@@ -334,7 +335,7 @@ func (a *appConn) handshake() error {
 	}
 
 	a.r.upProbed.Store(time.Now().UnixNano())
-	conn, err := dialBridge(a.r.url, a.sc.opts.Upstream.Paho(a.upID))
+	conn, err := dialBridge(a.r.url, a.sc.opts.Upstream.Paho(a.upID), -sessionReadBuffer)
 	a.r.setUp(err == nil)
 	if err != nil {
 		a.sc.limitedWarn("session-dial", "upstream unreachable: refusing a local app", "url", a.r.url.Redacted(), "client", a.appID, "error", err)

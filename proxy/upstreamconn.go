@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"runtime"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -57,7 +58,7 @@ func (l batchedListener) Accept() (net.Conn, error) {
 }
 
 // dialUpstream opens the upstream connection as paho would, and batches it.
-func dialUpstream(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
+func dialUpstream(u *url.URL, o paho.ClientOptions, readBuffer int) (net.Conn, error) {
 	dialer := o.Dialer
 	if dialer == nil {
 		dialer = &net.Dialer{Timeout: 30 * time.Second}
@@ -91,7 +92,7 @@ func dialUpstream(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newBatchedConn(conn, upstreamReadBuffer, writeTimeout), nil
+	return newBatchedConn(conn, readBuffer, writeTimeout), nil
 }
 
 // proxyFromEnvironment reports whether paho would dial through a proxy
@@ -99,6 +100,43 @@ func dialUpstream(u *url.URL, o paho.ClientOptions) (net.Conn, error) {
 // through the proxy itself (dialBridge).
 func proxyFromEnvironment() bool {
 	return os.Getenv("ALL_PROXY") != "" || os.Getenv("all_proxy") != ""
+}
+
+// growingReaderStart is the read buffer of a growingReader until a read
+// fills it.
+const growingReaderStart = 2 << 10
+
+// growingReader buffers reads like bufio.Reader, in a buffer that starts
+// small and doubles, up to max, each time one read from the socket fills
+// it: an idle connection holds a small buffer, a busy one gets few reads.
+type growingReader struct {
+	r    io.Reader
+	buf  []byte
+	i, n int // buf[i:n] is buffered
+	max  int
+}
+
+func (g *growingReader) Read(p []byte) (int, error) {
+	if g.i == g.n {
+		if len(p) >= len(g.buf) {
+			return g.r.Read(p) // as large as the buffer: straight in
+		}
+		n, err := g.r.Read(g.buf)
+		if n == 0 {
+			return 0, err
+		}
+		g.i, g.n = 0, n
+		if n == len(g.buf) && len(g.buf) < g.max {
+			defer func() { // the next fill goes to a larger buffer
+				nb := make([]byte, min(2*len(g.buf), g.max))
+				g.n = copy(nb, g.buf[g.i:g.n])
+				g.buf, g.i = nb, 0
+			}()
+		}
+	}
+	n := copy(p, g.buf[g.i:g.n])
+	g.i += n
+	return n, nil
 }
 
 // batchedConn is a net.Conn with a read buffer and a writer goroutine that
@@ -132,8 +170,11 @@ type batchedConn struct {
 var errConnClosed = errors.New("upstream connection closed")
 
 // newBatchedConn wraps c; readBuffer 0 leaves reads unbuffered (for a
-// reader that buffers already). Each socket write is bounded by timeout
-// when it is positive, and otherwise by the last deadline the caller set.
+// reader that buffers already); a negative readBuffer is a buffer that
+// starts small and grows to -readBuffer bytes once a read fills it (for
+// connections that are mostly idle). Each socket write is bounded by
+// timeout when it is positive, and otherwise by the last deadline the
+// caller set.
 func newBatchedConn(c net.Conn, readBuffer int, timeout time.Duration) *batchedConn {
 	b := &batchedConn{
 		Conn:    c,
@@ -142,7 +183,9 @@ func newBatchedConn(c net.Conn, readBuffer int, timeout time.Duration) *batchedC
 		wake:    make(chan struct{}, 1),
 		done:    make(chan struct{}),
 	}
-	if readBuffer > 0 {
+	if readBuffer < 0 {
+		b.r = &growingReader{r: c, buf: make([]byte, growingReaderStart), max: -readBuffer}
+	} else if readBuffer > 0 {
 		b.r = bufio.NewReaderSize(c, readBuffer)
 	}
 	b.drained.L = &b.mu
@@ -231,6 +274,9 @@ func (b *batchedConn) writeLoop() {
 	var out []byte
 	for range b.wake {
 		for {
+			// Let the writers that are running add what they have before
+			// the system call: at a high rate that halves the writes.
+			runtime.Gosched()
 			b.mu.Lock()
 			out, b.pending = b.pending, out[:0]
 			closing, deadline := b.closing, b.deadline

@@ -290,3 +290,42 @@ func TestBatchedConnReadDeadlineNeverFiresEarly(t *testing.T) {
 		t.Errorf("read without a deadline: %v", err)
 	}
 }
+
+// TestGrowingReaderReadsEverythingAndGrowsWhenBusy: whatever sizes the
+// reads ask for, every byte comes out once and in order; the buffer stays
+// small while reads do not fill it and grows (to its maximum, no further)
+// when they do.
+func TestGrowingReaderReadsEverythingAndGrowsWhenBusy(t *testing.T) {
+	data := make([]byte, 200_000)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	g := &growingReader{r: bytes.NewReader(data), buf: make([]byte, growingReaderStart), max: 32 << 10}
+	var out []byte
+	sizes := []int{1, 2, 5, 300, 4096, 70_000, 3}
+	for i := 0; len(out) < len(data); i++ {
+		p := make([]byte, sizes[i%len(sizes)])
+		n, err := g.Read(p)
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", len(out), err)
+		}
+		out = append(out, p[:n]...)
+	}
+	if !bytes.Equal(out, data) {
+		t.Fatal("the bytes came out changed or out of order")
+	}
+	if len(g.buf) != 32<<10 {
+		t.Fatalf("a reader whose reads filled its buffer ended with %d bytes of buffer, want the maximum %d", len(g.buf), 32<<10)
+	}
+
+	idle := &growingReader{r: bytes.NewReader(data[:100]), buf: make([]byte, growingReaderStart), max: 32 << 10}
+	p := make([]byte, 10)
+	for {
+		if _, err := idle.Read(p); err != nil {
+			break
+		}
+	}
+	if len(idle.buf) != growingReaderStart {
+		t.Fatalf("a reader that never filled its buffer grew it to %d bytes", len(idle.buf))
+	}
+}
