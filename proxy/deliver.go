@@ -94,6 +94,13 @@ func (d *directClients) subscribersLocked(server *mqtt.Server, topic string) *mq
 	return s
 }
 
+// subscribers is subscribersLocked for a caller that does not hold mu.
+func (d *directClients) subscribers(server *mqtt.Server, topic string) *mqtt.Subscribers {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.subscribersLocked(server, topic)
+}
+
 func (d *directClients) markLocked(cl *mqtt.Client) {
 	if d.broker == nil {
 		d.broker = make(map[string]*mqtt.Client)
@@ -113,8 +120,10 @@ func (d *directClients) markLocked(cl *mqtt.Client) {
 var encodePool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 
 // deliverLive sends a live message to every local subscriber of topic,
-// except the clients in had (they had it as a retained message).
-func (sc *Sidecar) deliverLive(topic string, payload []byte, qos byte, had map[string]bool) {
+// except the clients in had (they had it as a retained message). km is the
+// message as held for local persistent sessions, if it is: each in-flight
+// entry it gets is recorded (keptSessions.handed).
+func (sc *Sidecar) deliverLive(topic string, payload []byte, qos byte, had map[string]bool, km *keptMessage) {
 	d := &sc.direct
 	d.mu.Lock() // one worker delivers; the lock guards the scratch and the lookups kept
 	defer d.mu.Unlock()
@@ -139,7 +148,7 @@ func (sc *Sidecar) deliverLive(topic string, payload []byte, qos byte, had map[s
 		if !ok {
 			continue
 		}
-		if shared[id] || len(subs.InlineSubscriptions) > 0 || d.broker[id] == cl || !sc.writeDirect(cl, sub, topic, payload, qos, created) {
+		if shared[id] || len(subs.InlineSubscriptions) > 0 || d.broker[id] == cl || !sc.writeDirect(cl, sub, topic, payload, qos, created, km) {
 			needBroker = true
 			continue
 		}
@@ -166,6 +175,10 @@ func (sc *Sidecar) deliverLive(topic string, payload []byte, qos byte, had map[s
 	}
 	for _, id := range served {
 		exclude[id] = true
+	}
+	if km != nil {
+		sc.kept.delivering.Store(km) // the OnQosPublish hook records its entries
+		defer sc.kept.delivering.Store(nil)
 	}
 	sc.publishViaBroker(topic, payload, qos, exclude)
 }
@@ -200,13 +213,22 @@ func (sc *Sidecar) publishViaBroker(topic string, payload []byte, qos byte, excl
 // writeDirect delivers one message to cl as the broker's publishToClient
 // would, and reports false, having done nothing, when cl must be served by
 // the broker instead.
-func (sc *Sidecar) writeDirect(cl *mqtt.Client, sub packets.Subscription, topic string, payload []byte, qos byte, created int64) bool {
-	bc, ok := cl.Net.Conn.(*batchedConn)
-	if !ok || cl.Net.Inline || cl.Properties.ProtocolVersion >= 5 {
+func (sc *Sidecar) writeDirect(cl *mqtt.Client, sub packets.Subscription, topic string, payload []byte, qos byte, created int64, km *keptMessage) bool {
+	if cl.Net.Inline || cl.Properties.ProtocolVersion >= 5 {
 		return false
 	}
-	if cl.Closed() {
-		return true // gone: nothing to deliver, as with the broker
+	// A client whose connection is gone may still have a session that
+	// outlives it (MQTT 3.1.1 clean session 0, or one loaded at start): as
+	// the broker does, a QoS 1/2 message waits in flight for the client to
+	// come back (it is sent when the session resumes), and a QoS 0 one is
+	// dropped.
+	offline := cl.Closed()
+	if offline && !persistentSession(cl) {
+		return true // gone with its session: nothing to deliver
+	}
+	bc, ok := cl.Net.Conn.(*batchedConn)
+	if !ok && !offline {
+		return false
 	}
 	qos = min(qos, sub.Qos, sc.server.Options.Capabilities.MaximumQos)
 	out := packets.Packet{
@@ -235,6 +257,12 @@ func (sc *Sidecar) writeDirect(cl *mqtt.Client, sub packets.Subscription, topic 
 			atomic.AddInt64(&info.Inflight, 1)
 		}
 		cl.State.Inflight.DecreaseSendQuota()
+		if km != nil {
+			sc.kept.handed(km, cl, out.PacketID)
+		}
+	}
+	if offline {
+		return true
 	}
 	buf := encodePool.Get().(*bytes.Buffer)
 	defer func() {
@@ -244,7 +272,7 @@ func (sc *Sidecar) writeDirect(cl *mqtt.Client, sub packets.Subscription, topic 
 		}
 	}()
 	if err := out.PublishEncode(buf); err != nil {
-		sc.undoInflight(cl, out)
+		sc.undoInflight(cl, out, km)
 		sc.log.Error("local delivery failed", "client", cl.ID, "topic", topic, "error", err)
 		return true
 	}
@@ -257,7 +285,7 @@ func (sc *Sidecar) writeDirect(cl *mqtt.Client, sub packets.Subscription, topic 
 		// stays in flight and is resent if the session resumes.
 		return true
 	case !taken:
-		sc.undoInflight(cl, out)
+		sc.undoInflight(cl, out, km)
 		return false
 	}
 	atomic.AddInt64(&info.BytesSent, int64(buf.Len()))
@@ -268,12 +296,91 @@ func (sc *Sidecar) writeDirect(cl *mqtt.Client, sub packets.Subscription, topic 
 
 // undoInflight withdraws the in-flight entry of a message that was not
 // written.
-func (sc *Sidecar) undoInflight(cl *mqtt.Client, out packets.Packet) {
+func (sc *Sidecar) undoInflight(cl *mqtt.Client, out packets.Packet, km *keptMessage) {
 	if out.FixedHeader.Qos == 0 {
 		return
+	}
+	if km != nil {
+		sc.kept.unhanded(km, cl, out.PacketID)
 	}
 	if cl.State.Inflight.Delete(out.PacketID) {
 		atomic.AddInt64(&sc.server.Info.Inflight, -1)
 	}
 	cl.State.Inflight.IncreaseSendQuota()
+}
+
+// settleKept ends the delivery of a message held for local persistent
+// sessions (keptSessions.settle).
+func (sc *Sidecar) settleKept(km *keptMessage) {
+	for _, h := range sc.kept.settle(km) {
+		sc.followTakeover(km, h, 3)
+	}
+}
+
+// followTakeover puts km in flight on the connection that took over the
+// session of h's connection. mochi copies the in-flight messages of the
+// connection it takes over at one moment, and km may have been added to
+// the old connection after it: it would then be lost with the old
+// connection (the new one is registered just after the copy, and gets
+// whatever follows). km went to the old connection before the takeover
+// when it is among what the new one has under the same packet id. hops
+// bounds how many takeovers in a row are followed.
+func (sc *Sidecar) followTakeover(km *keptMessage, h keptHandoff, hops int) {
+	cl := sc.takenOverBy(h.cl)
+	if cl == nil || cl.Properties.Clean {
+		return // gone, or a Clean Start: the session ended, and km with it
+	}
+	// Recorded first, so that an acknowledgement right after the check
+	// finds it.
+	sc.kept.rehanded(km, cl, h.pid)
+	if pk, ok := cl.State.Inflight.Get(h.pid); ok && pk.TopicName == km.topic && bytes.Equal(pk.Payload, km.payload) {
+		return // copied with the rest
+	}
+	qos, waits := sc.kept.moved(km, h)
+	if !waits {
+		return
+	}
+	id, err := cl.NextPacketID()
+	if err != nil {
+		sc.metrics.drop("in", DropLocalFull)
+		return
+	}
+	out := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos, Retain: km.retain},
+		TopicName:   km.topic,
+		Payload:     km.payload,
+		Created:     km.created,
+		PacketID:    uint16(id),
+	}
+	if cl.State.Inflight.Set(out) {
+		atomic.AddInt64(&sc.server.Info.Inflight, 1)
+	}
+	sc.kept.rehanded(km, cl, out.PacketID)
+	if cl.IsTakenOver() && hops > 1 {
+		sc.followTakeover(km, keptHandoff{cl, out.PacketID}, hops-1)
+		return
+	}
+	_ = cl.WritePacket(out) // an error leaves it in flight, for the next connection
+}
+
+// takenOverBy waits for the connection that took over old's session to be
+// registered, and returns it; nil when the client id is gone or it takes
+// longer than takeoverWait. mochi registers it right after copying the old
+// connection's session, and says nothing when it has: the registry is
+// polled.
+func (sc *Sidecar) takenOverBy(old *mqtt.Client) *mqtt.Client {
+	deadline := time.Now().Add(takeoverWait)
+	for {
+		cl, ok := sc.server.Clients.Get(old.ID)
+		switch {
+		case !ok:
+			return nil
+		case cl != old:
+			return cl
+		case time.Now().After(deadline) || sc.ctx.Err() != nil:
+			sc.log.Warn("a local persistent session was taken over, and its new connection did not appear; a message for it waits for the next restart", "client", old.ID)
+			return nil
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
 }

@@ -21,7 +21,9 @@
 //     client, where none of that matters.
 //   - mirror.go: local subscriptions mirrored upstream with reference counts.
 //   - inbound.go: opening, replay check, durable replay state, retained
-//     register; deliver.go: delivery to local subscribers.
+//     register, messages held for local persistent sessions
+//     (keptsessions.go, kept in the same log across restarts); deliver.go:
+//     delivery to local subscribers.
 //
 // Local application publishes are never routed locally: they go upstream and
 // come back through the mirror like everyone else's, so a local subscriber

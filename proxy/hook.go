@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/storage"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
@@ -37,7 +38,12 @@ func (h *hook) Provides(b byte) bool {
 		mqtt.OnDisconnect,
 		mqtt.OnClientExpired,
 		mqtt.OnPublishDropped,
+		mqtt.OnQosPublish,
+		mqtt.OnQosComplete,
 		mqtt.OnQosDropped,
+		mqtt.StoredClients,
+		mqtt.StoredSubscriptions,
+		mqtt.StoredInflightMessages,
 	}, []byte{b})
 }
 
@@ -129,12 +135,17 @@ func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
 	return mqtt.Will{TopicName: relayedWillTopic, Payload: nil, Qos: 0}, nil
 }
 
-// OnSessionEstablished settles a delayed Will the client id left behind.
+// OnSessionEstablished records a persistent session (keptsessions.go) and
+// settles a delayed Will the client id left behind.
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	h.sc.kept.established(cl, pk.Connect.Clean)
 	h.sc.wills.connected(cl, pk.Connect.Clean)
 }
 
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	if !cl.IsTakenOver() {
+		h.sc.kept.disconnected(cl, expire)
+	}
 	h.sc.wills.disconnected(cl)
 }
 
@@ -163,6 +174,7 @@ func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 	}
 	h.sc.subscribing.Delete(cl.ID)
 	var subs []change
+	kept := false
 	for i, f := range pk.Filters {
 		handling, _ := h.sc.wantsRetained.LoadAndDelete(subKey{cl.ID, f.Filter})
 		if i < len(reasonCodes) && reasonCodes[i] >= 0x80 {
@@ -178,6 +190,16 @@ func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []by
 		if c, ok := h.sc.mirrorTrack(cl.ID, f.Filter, f.Qos); ok {
 			subs = append(subs, c)
 		}
+		if h.sc.kept.subscribed(cl, f) {
+			kept = true
+		}
+	}
+	if kept {
+		// A persistent session's subscription is on disk before its SUBACK:
+		// after a crash, what upstream sends for it is still kept for it.
+		if err := h.sc.awaitCommit(); err != nil {
+			h.sc.log.Warn("a local persistent session's subscription is not stored yet", "client", cl.ID, "error", err)
+		}
 	}
 	h.sc.subscribeUpstream(subs)
 }
@@ -188,6 +210,7 @@ func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	}
 	for _, f := range pk.Filters {
 		h.sc.pendingRetained.drop(cl.ID, f.Filter)
+		h.sc.kept.unsubscribed(cl, f.Filter)
 		h.sc.mirrorRemove(cl.ID, f.Filter)
 	}
 }
@@ -195,6 +218,7 @@ func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // OnClientExpired: mochi drops an expired persistent session without
 // unsubscribing it, so the mirror lets go of its filters here.
 func (h *hook) OnClientExpired(cl *mqtt.Client) {
+	h.sc.kept.expired(cl.ID)
 	h.sc.wills.sessionEnded(cl.ID)
 	for filter := range cl.State.Subscriptions.GetAll() {
 		h.sc.server.Topics.Unsubscribe(filter, cl.ID)
@@ -207,6 +231,56 @@ func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	h.sc.limitedWarn("local-full", "local subscriber too slow: message dropped", "client", cl.ID, "topic", pk.TopicName)
 }
 
+// OnQosPublish: the local broker put a message in flight to cl. A message
+// held for kept sessions that the inbound worker publishes through the
+// broker (deliver.go) is recorded there; resends (DUP) are in flight
+// already.
+func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Dup {
+		return
+	}
+	// (A topic alias leaves an MQTT 5 packet without its topic name.)
+	if m := h.sc.kept.delivering.Load(); m != nil && (pk.TopicName == m.topic || pk.TopicName == "") && bytes.Equal(pk.Payload, m.payload) {
+		h.sc.kept.handed(m, cl, pk.PacketID)
+	}
+}
+
+// OnQosComplete: cl's application acknowledged a message (PUBACK, PUBCOMP).
+func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	h.sc.kept.completed(cl, pk.PacketID)
+}
+
+// OnQosDropped: the local broker gave up a message in flight to cl. A
+// session taken over hands its messages to the new connection first: they
+// are not dropped.
 func (h *hook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
+	if cl.IsTakenOver() {
+		return
+	}
 	h.sc.metrics.drop("in", DropLocalFull)
+	h.sc.kept.completed(cl, pk.PacketID)
+}
+
+// StoredClients, StoredSubscriptions and StoredInflightMessages load the
+// kept sessions into the local broker as it starts; their subscriptions
+// go into the mirror, subscribed upstream on connect.
+func (h *hook) StoredClients() ([]storage.Client, error) {
+	return h.sc.kept.storedClients(), nil
+}
+
+func (h *hook) StoredSubscriptions() ([]storage.Subscription, error) {
+	subs := h.sc.kept.storedSubscriptions()
+	for _, s := range subs {
+		h.sc.mirrorTrack(s.Client, s.Filter, s.Qos)
+	}
+	return subs, nil
+}
+
+func (h *hook) StoredInflightMessages() ([]storage.Message, error) {
+	msgs, dropped := h.sc.kept.storedInflight()
+	if dropped > 0 {
+		h.sc.metrics.dropN("in", DropLocalFull, dropped)
+		h.sc.log.Warn("local persistent sessions held more messages than fit in flight; the newest were dropped", "dropped", dropped, "limit", maxKeptInflight)
+	}
+	return msgs, nil
 }

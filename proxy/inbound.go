@@ -12,9 +12,13 @@ package proxy
 //  3. Replay: a live message must be new in its sender's sliding window.
 //     A retained delivery (a stored value upstream replays on subscribe, or a
 //     re-sealed one) goes through the topic's retained register instead.
-//  4. One write(2) appends the batch's window and register changes to the
-//     inbound log (state.go, inboundlog.go), fsynced by the sync policy.
-//  5. Deliver to the local subscribers (deliver.go; never forwarded
+//  4. Hold: a QoS 1/2 message that local persistent sessions subscribe to
+//     is recorded for them (keptsessions.go), so that a crash loses none of
+//     what is acknowledged upstream.
+//  5. One write(2) appends the batch's held messages and its window and
+//     register changes to the inbound log (state.go, inboundlog.go),
+//     fsynced by the sync policy.
+//  6. Deliver to the local subscribers (deliver.go; never forwarded
 //     upstream again), then acknowledge upstream.
 
 import (
@@ -37,9 +41,10 @@ type delivery struct {
 	payload []byte
 	qos     byte
 	action  deliveryAction
-	valueID string         // names the value for the retained path (valueID, payloadID)
+	valueID string         // names a sealed value for the retained path (valueID)
 	sealed  bool           // protected: triple names the value
 	triple  retainedTriple // the sealed value's (epoch, sender, seq)
+	kept    *keptMessage   // held for local persistent sessions
 }
 
 // id names the delivery's value (see pendingRetained.claimLive).
@@ -72,6 +77,11 @@ func (sc *Sidecar) runInbound(ctx context.Context) {
 		var first paho.Message
 		select {
 		case first = <-sc.inbound:
+		case done := <-sc.commitReq:
+			// Between batches what is pending is whole: no message's
+			// replay state goes out without its held record.
+			done <- sc.state.commit()
+			continue
 		case <-ctx.Done():
 			return
 		}
@@ -85,6 +95,7 @@ func (sc *Sidecar) runInbound(ctx context.Context) {
 				break fill
 			}
 		}
+		sc.holdForSessions(batch)
 		for {
 			err := sc.state.commit()
 			if err == nil {
@@ -115,7 +126,7 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 		d.payload = m.Payload()
 		d.action = actPublish
 		if m.Retained() {
-			d.action, d.valueID = actRetained, payloadID(d.payload)
+			d.action = actRetained
 		}
 		sc.mInPlain.Inc()
 		return d
@@ -160,13 +171,80 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 	return d
 }
 
+// awaitCommit has the inbound worker write what is pending, between two
+// batches, and waits until it is written.
+func (sc *Sidecar) awaitCommit() error {
+	done := make(chan error, 1)
+	select {
+	case sc.commitReq <- done:
+	case <-sc.ctx.Done():
+		return sc.ctx.Err()
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-sc.ctx.Done():
+		return sc.ctx.Err()
+	}
+}
+
+// holdForSessions records the batch's QoS 1/2 messages for the local persistent
+// sessions that subscribe to them (step 4): a live message for the kept
+// sessions among its subscribers, a retained one for those among the
+// subscriptions waiting for it. Sessions that end up not getting it (they
+// had it as a retained value, or are one of a shared group's other
+// members) are done with it once it is delivered.
+func (sc *Sidecar) holdForSessions(batch []delivery) {
+	if sc.kept.count.Load() == 0 {
+		return
+	}
+	maxQos := sc.server.Options.Capabilities.MaximumQos
+	for i := range batch {
+		d := &batch[i]
+		if d.qos == 0 {
+			continue
+		}
+		var to map[string]byte
+		add := func(client string, subQos byte) {
+			if q := min(d.qos, subQos, maxQos); q > 0 {
+				if to == nil {
+					to = make(map[string]byte)
+				}
+				to[client] = max(to[client], q)
+			}
+		}
+		switch d.action {
+		case actPublish:
+			subs := sc.direct.subscribers(sc.server, d.topic)
+			for client, sub := range subs.Subscriptions {
+				add(client, sub.Qos)
+			}
+			for _, group := range subs.Shared {
+				for client, sub := range group {
+					add(client, sub.Qos)
+				}
+			}
+		case actRetained:
+			for _, p := range sc.pendingRetained.waiting(d.topic) {
+				add(p.client, p.sub.Qos)
+			}
+		}
+		if to != nil {
+			d.kept = sc.kept.hold(d.topic, d.payload, d.qos, d.action == actRetained, to)
+		}
+	}
+}
+
 // deliver carries out one decision on the local broker.
 func (sc *Sidecar) deliver(d *delivery) {
 	switch d.action {
 	case actPublish:
-		had := sc.pendingRetained.claimLive(d.topic, d.id, d.payload)
-		sc.deliverLive(d.topic, d.payload, d.qos, had) // deliver.go
+		had := sc.pendingRetained.claimLive(d.topic, d.id)
+		sc.deliverLive(d.topic, d.payload, d.qos, had, d.kept) // deliver.go
 	case actRetained:
-		sc.deliverRetained(d.topic, d.id(), d.payload, d.qos)
+		sc.deliverRetained(d.topic, d.id(), d.payload, d.qos, d.kept)
+	}
+	if d.kept != nil {
+		sc.settleKept(d.kept)
 	}
 }

@@ -2,7 +2,9 @@ package proxy
 
 // The inbound state's file: data_dir/inbound.log, an append-only log of what
 // the replay windows and retained registers accepted, so that a restarted
-// sidecar refuses what it delivered before.
+// sidecar refuses what it delivered before, and of the local persistent
+// sessions and the messages held for them (keptsessions.go), so that it
+// still delivers what it acknowledged upstream.
 //
 // The inbound worker appends one write(2) per batch, before the batch is
 // delivered or acknowledged upstream; the sync policy decides when it is
@@ -24,7 +26,17 @@ package proxy
 //	    3 forget    key (the window was evicted)
 //	    4 retained  topicLen u16 ‖ topic ‖ epoch u32 ‖ sender u64 ‖ seq u64
 //	    5-14        session mode: the app sessions' state (sessionstate.go)
+//	   15 session   client ‖ version u8 ‖ expiry u32 ‖ username (str16)
+//	   16 ended     client
+//	   17 subscribed    client ‖ filter (str16) ‖ qos u8 ‖ options u8 ‖
+//	                    identifier u32; options: bit 0 No Local, bit 1
+//	                    Retain As Published, bits 2-3 Retain Handling
+//	   18 unsubscribed  client ‖ filter (str16)
+//	   19 held      id u64 ‖ created i64 ‖ qos u8 ‖ retain u8 ‖ topic (str16) ‖
+//	                payloadLen u32 ‖ payload ‖ n u32 ‖ n × (qos u8 ‖ client)
+//	   20 done      id u64 ‖ client
 //	  key: groupLen u16 ‖ group ‖ epoch u32 ‖ sender u64
+//	  client, str16: len u16 ‖ bytes
 //
 // Replaying the frames in order rebuilds exactly the windows that were in
 // memory: ReplayWindow.Accept is deterministic. A crash can leave a torn
@@ -36,6 +48,10 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"maps"
+	"slices"
+
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/smqtt/smqtt/envelope"
 )
@@ -49,10 +65,20 @@ const (
 	frameKindForget   = 3
 	frameKindRetained = 4
 
+	// Session mode's frames are kinds 5 to 14 (sessionstate.go); bridge
+	// mode's kept sessions, 15 to 20 (keptsessions.go).
+	frameKindKeptSession      = 15
+	frameKindKeptEnded        = 16
+	frameKindKeptSubscribed   = 17
+	frameKindKeptUnsubscribed = 18
+	frameKindKeptHeld         = 19
+	frameKindKeptDone         = 20
+
 	inboundFrameHeader = 8
-	// maxInboundFrame bounds a frame's body: a window frame with the
-	// longest group name, or a retained frame with the longest topic.
-	maxInboundFrame = 1 + 8 + 1 + 2 + 65535 + 12 + envelope.MaxReplayWindowEncodingLen
+	// maxInboundFrame bounds a frame's body: a held message with the
+	// largest MQTT payload (256 MiB) and its recipients. A length past it
+	// is damage, and ends the log.
+	maxInboundFrame = 1 << 30
 	// maxAcceptRun is the most sequence numbers one accepted frame holds.
 	maxAcceptRun = 1<<16 - 1
 	// minCompactGrowth is how far the log grows past its snapshot, at
@@ -74,7 +100,23 @@ type inboundRecord struct {
 	window  []byte // window: its encoding
 	topic   []byte
 	triple  retainedTriple
-	session sessionRecord // session frames (sessionstate.go)
+	session sessionRecord // session mode's frames (sessionstate.go)
+
+	// bridge mode's kept sessions (keptsessions.go)
+	client   []byte // kept sessions' frames
+	version  byte
+	expiry   uint32
+	username []byte
+	filter   []byte
+	qos      byte
+	options  byte
+	subID    uint32
+	id       uint64 // held, done
+	created  int64
+	retain   bool
+	payload  []byte
+	to       []byte // held: n × (qos u8 ‖ client)
+	n        int    // held: recipients in to
 }
 
 // appendKey appends a key's encoding.
@@ -142,6 +184,100 @@ func appendRetainedFrame(b []byte, topic string, t retainedTriple) []byte {
 	return b
 }
 
+// appendStr16 appends a string with its u16 length; longer strings (which
+// MQTT does not allow for client ids, topics and filters) are cut.
+func appendStr16(b []byte, v string) []byte {
+	v = v[:min(len(v), 65535)]
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(v)))
+	return append(b, v...)
+}
+
+func parseStr16(b []byte) (v, rest []byte, ok bool) {
+	if len(b) < 2 {
+		return nil, nil, false
+	}
+	n := int(binary.LittleEndian.Uint16(b))
+	if len(b) < 2+n {
+		return nil, nil, false
+	}
+	return b[2 : 2+n], b[2+n:], true
+}
+
+func appendSessionFrame(b []byte, client string, s *keptSession) []byte {
+	start := len(b)
+	b = appendStr16(beginFrame(b, frameKindKeptSession), client)
+	b = append(b, s.version)
+	b = binary.LittleEndian.AppendUint32(b, s.expiry)
+	b = appendStr16(b, string(s.username))
+	endFrame(b, start)
+	return b
+}
+
+func appendEndedFrame(b []byte, client string) []byte {
+	start := len(b)
+	b = appendStr16(beginFrame(b, frameKindKeptEnded), client)
+	endFrame(b, start)
+	return b
+}
+
+func appendSubscribedFrame(b []byte, client string, sub packets.Subscription) []byte {
+	start := len(b)
+	b = appendStr16(beginFrame(b, frameKindKeptSubscribed), client)
+	b = appendStr16(b, sub.Filter)
+	options := (sub.RetainHandling & 3) << 2
+	if sub.NoLocal {
+		options |= 1
+	}
+	if sub.RetainAsPublished {
+		options |= 2
+	}
+	b = append(b, sub.Qos, options)
+	b = binary.LittleEndian.AppendUint32(b, uint32(sub.Identifier))
+	endFrame(b, start)
+	return b
+}
+
+func appendUnsubscribedFrame(b []byte, client, filter string) []byte {
+	start := len(b)
+	b = appendStr16(appendStr16(beginFrame(b, frameKindKeptUnsubscribed), client), filter)
+	endFrame(b, start)
+	return b
+}
+
+// appendHeldFrame appends a held message with the sessions still waiting
+// for it, in the order of their names.
+func appendHeldFrame(b []byte, m *keptMessage) []byte {
+	start := len(b)
+	b = beginFrame(b, frameKindKeptHeld)
+	b = binary.LittleEndian.AppendUint64(b, m.id)
+	b = binary.LittleEndian.AppendUint64(b, uint64(m.created))
+	b = append(b, m.qos, boolByte(m.retain))
+	b = appendStr16(b, m.topic)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.payload)))
+	b = append(b, m.payload...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(m.waiting)))
+	for _, client := range slices.Sorted(maps.Keys(m.waiting)) {
+		b = appendStr16(append(b, m.waiting[client]), client)
+	}
+	endFrame(b, start)
+	return b
+}
+
+func appendDoneFrame(b []byte, id uint64, client string) []byte {
+	start := len(b)
+	b = binary.LittleEndian.AppendUint64(beginFrame(b, frameKindKeptDone), id)
+	b = appendStr16(b, client)
+	endFrame(b, start)
+	return b
+}
+
+func boolByte(v bool) byte {
+	if v {
+		return 1
+	}
+	return 0
+}
+
 // decodeInboundLog calls apply for every frame of data that checks, in
 // order, and returns the length of that good prefix. A frame that does not
 // check (torn, or corrupt) ends the log there; only a wrong magic, or a
@@ -175,6 +311,9 @@ func decodeInboundLog(data []byte, apply func(*inboundRecord) error) (int, error
 func parseInboundFrame(body []byte, r *inboundRecord) bool {
 	*r = inboundRecord{kind: body[0]}
 	rest := body[1:]
+	if r.kind >= frameKindKeptSession {
+		return parseKeptFrame(rest, r)
+	}
 	if r.kind >= frameKindSessionBegin {
 		return parseSessionFrame(r.kind, rest, r)
 	}
@@ -212,6 +351,71 @@ func parseInboundFrame(body []byte, r *inboundRecord) bool {
 		return n > 0 && len(r.seqs) == 8*n
 	case frameKindForget:
 		return len(rest) == 0
+	}
+	return false
+}
+
+// parseKeptFrame parses the body of a kept session's frame (after its
+// kind).
+func parseKeptFrame(rest []byte, r *inboundRecord) bool {
+	var ok bool
+	if r.kind == frameKindKeptHeld || r.kind == frameKindKeptDone {
+		if len(rest) < 8 {
+			return false
+		}
+		r.id, rest = binary.LittleEndian.Uint64(rest), rest[8:]
+		if r.kind == frameKindKeptDone {
+			r.client, rest, ok = parseStr16(rest)
+			return ok && len(rest) == 0
+		}
+		if len(rest) < 10 {
+			return false
+		}
+		r.created, r.qos, r.retain = int64(binary.LittleEndian.Uint64(rest)), rest[8], rest[9] != 0
+		if r.topic, rest, ok = parseStr16(rest[10:]); !ok || len(rest) < 4 {
+			return false
+		}
+		n := int(binary.LittleEndian.Uint32(rest))
+		if len(rest) < 4+n+4 {
+			return false
+		}
+		r.payload, rest = rest[4:4+n], rest[4+n:]
+		r.n, r.to = int(binary.LittleEndian.Uint32(rest)), rest[4:]
+		// Every recipient takes at least 3 bytes: check the list whole
+		// here, so that apply can walk it.
+		to := r.to
+		for range r.n {
+			if len(to) < 1 {
+				return false
+			}
+			if _, to, ok = parseStr16(to[1:]); !ok {
+				return false
+			}
+		}
+		return len(to) == 0
+	}
+	if r.client, rest, ok = parseStr16(rest); !ok {
+		return false
+	}
+	switch r.kind {
+	case frameKindKeptSession:
+		if len(rest) < 5 {
+			return false
+		}
+		r.version, r.expiry = rest[0], binary.LittleEndian.Uint32(rest[1:])
+		r.username, rest, ok = parseStr16(rest[5:])
+		return ok && len(rest) == 0
+	case frameKindKeptEnded:
+		return len(rest) == 0
+	case frameKindKeptSubscribed:
+		if r.filter, rest, ok = parseStr16(rest); !ok || len(rest) != 6 {
+			return false
+		}
+		r.qos, r.options, r.subID = rest[0], rest[1], binary.LittleEndian.Uint32(rest[2:])
+		return true
+	case frameKindKeptUnsubscribed:
+		r.filter, rest, ok = parseStr16(rest)
+		return ok && len(rest) == 0
 	}
 	return false
 }

@@ -3,6 +3,8 @@ package proxy
 import (
 	"bytes"
 	"testing"
+
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // FuzzInboundLog loads arbitrary bytes as an inbound log: it must neither
@@ -24,7 +26,21 @@ func FuzzInboundLog(f *testing.F) {
 	st.commitSession(s, sessionMark{will: true, triple: retainedTriple{Epoch: 1, Sender: 7, Seq: 2}})
 	st.closeSession(s, s.connection, 60)
 	st.closeRunLocked()
+	app, five := localClient("app", 4, false, 0), localClient("five", 5, false, 30)
+	st.kept.established(app, false)
+	st.kept.established(five, true)
+	st.kept.subscribed(app, packets.Subscription{Filter: "secure/#", Qos: 1, Identifier: 3})
+	st.kept.subscribed(five, packets.Subscription{Filter: "a/+", Qos: 2, NoLocal: true})
+	m := st.kept.hold("secure/x", []byte("held"), 1, false, map[string]byte{"app": 1, "five": 1})
+	st.kept.hold("a/b", []byte("kept"), 2, true, map[string]byte{"five": 2})
+	st.kept.handed(m, app, 1)
+	st.kept.settle(m)
+	st.kept.completed(app, 1)
+	st.kept.unsubscribed(five, "a/+")
+	st.kept.expired("nobody")
+	st.kept.disconnected(five, true)
 	log := append([]byte(inboundLogMagic), st.pend...)
+	log = st.kept.drain(log)
 	f.Add(log)
 	f.Add(log[:len(log)-5])
 	f.Add(st.snapshot())
@@ -60,6 +76,9 @@ func FuzzInboundLog(f *testing.F) {
 			if again.retained[topic] != v {
 				t.Fatalf("register %q differs after a snapshot", topic)
 			}
+		}
+		if a, b := st.kept.snapshot(nil), again.kept.snapshot(nil); !bytes.Equal(a, b) {
+			t.Fatalf("the kept sessions differ after a snapshot: %x, then %x", a, b)
 		}
 		if len(again.sessions) != len(st.sessions) {
 			t.Fatalf("the snapshot has %d sessions, the state %d", len(again.sessions), len(st.sessions))

@@ -77,6 +77,10 @@ func (m *Metrics) drop(direction, reason string) {
 	m.Dropped.WithLabelValues(direction, reason).Inc()
 }
 
+func (m *Metrics) dropN(direction, reason string, n int) {
+	m.Dropped.WithLabelValues(direction, reason).Add(float64(n))
+}
+
 // DropCounts returns the drop counters as "direction/reason" → count, for
 // logs and tests.
 func (sc *Sidecar) DropCounts() map[string]int {

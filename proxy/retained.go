@@ -16,8 +16,6 @@ package proxy
 // seen: a broker cannot roll a topic back to a superseded value.
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"strconv"
 	"sync"
 	"time"
@@ -36,7 +34,7 @@ type pendingSub struct {
 	client string
 	sub    packets.Subscription
 	until  time.Time
-	got    map[string]string // topic -> id of the value it has had ("" for any live message)
+	got    map[string]string // topic -> the sealed value it had as retained ("" for any other message)
 }
 
 type pendingRetained struct {
@@ -81,34 +79,58 @@ func (p *pendingRetained) claimRetained(topic, id string) []*pendingSub {
 	return out
 }
 
+// waiting returns the subscriptions that claimRetained would return for
+// topic now, without claiming them.
+func (p *pendingRetained) waiting(topic string) []pendingSub {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.subs) == 0 {
+		return nil
+	}
+	p.expireLocked(time.Now())
+	var out []pendingSub
+	for _, s := range p.subs {
+		if _, had := s.got[topic]; !had && config.MatchFilter(s.sub.Filter, topic) {
+			out = append(out, pendingSub{client: s.client, sub: s.sub})
+		}
+	}
+	return out
+}
+
 // claimLive records that a live message goes to every local subscriber of
 // topic: waiting subscriptions are current from now on. It returns the
 // clients that already had this very value as a retained message (upstream
 // may send both when a publish races a subscribe), which must not get it
 // twice. valueID names the value, and is called only when some
-// subscription is waiting; "" derives the name from the payload
-// (unprotected topics).
-func (p *pendingRetained) claimLive(topic string, valueID func() string, payload []byte) map[string]bool {
+// subscription is waiting.
+//
+// Only a sealed value has a name (its epoch, sender and sequence number,
+// which no other publish shares). An unprotected one has none: two
+// publishes may carry the same payload (a sensor that reads 21.5 twice),
+// and each is a message of its own, so a live unprotected message is never
+// held back. A subscriber there may get a value twice when a broker sends
+// it both ways, as it would get it directly from such a broker.
+func (p *pendingRetained) claimLive(topic string, valueID func() string) map[string]bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if len(p.subs) == 0 {
 		return nil
 	}
 	id := valueID()
-	if id == "" {
-		id = payloadID(payload)
-	}
 	var had map[string]bool
 	for _, s := range p.subs {
+		if !config.MatchFilter(s.sub.Filter, topic) {
+			continue
+		}
 		prev, seen := s.got[topic]
-		if seen && id != "" && prev == id {
+		if id != "" && prev == id {
 			if had == nil {
 				had = map[string]bool{}
 			}
 			had[s.client] = true
 		}
-		if !seen && config.MatchFilter(s.sub.Filter, topic) {
-			s.got[topic] = id
+		if !seen || prev != "" {
+			s.got[topic] = "" // current: a retained value arriving now is older
 		}
 	}
 	return had
@@ -129,23 +151,22 @@ func (p *pendingRetained) drop(client, filter string) {
 }
 
 // deliverRetained sends a retained value to the subscriptions waiting for
-// it, with retain=1, as the local broker would at subscribe time.
-func (sc *Sidecar) deliverRetained(topic, id string, payload []byte, qos byte) {
+// it, with retain=1, as the local broker would at subscribe time. km is the
+// value as held for local persistent sessions, if it is.
+func (sc *Sidecar) deliverRetained(topic, id string, payload []byte, qos byte, km *keptMessage) {
 	for _, p := range sc.pendingRetained.claimRetained(topic, id) {
 		cl, ok := sc.server.Clients.Get(p.client)
 		if !ok || cl.Closed() {
 			continue
 		}
-		if err := sendRetained(cl, p.sub, topic, payload, qos); err != nil {
+		var inflight func(pid uint16)
+		if km != nil {
+			inflight = func(pid uint16) { sc.kept.handed(km, cl, pid) }
+		}
+		if err := sendRetained(cl, p.sub, topic, payload, qos, inflight); err != nil {
 			sc.log.Debug("retained delivery to local client failed", "client", p.client, "topic", topic, "error", err)
 		}
 	}
-}
-
-// payloadID names an unprotected value by its content.
-func payloadID(payload []byte) string {
-	h := sha256.Sum256(payload)
-	return "p." + hex.EncodeToString(h[:16])
 }
 
 // valueID names a sealed value for deduplication between the retained and
@@ -155,8 +176,9 @@ func valueID(t retainedTriple) string {
 }
 
 // sendRetained writes one retained PUBLISH to a local client, tracking it
-// in flight for QoS 1/2 as the broker's own delivery does.
-func sendRetained(cl *mqtt.Client, sub packets.Subscription, topic string, payload []byte, qos byte) error {
+// in flight for QoS 1/2 as the broker's own delivery does; inflight, if not
+// nil, learns the packet id before the message is written.
+func sendRetained(cl *mqtt.Client, sub packets.Subscription, topic string, payload []byte, qos byte, inflight func(pid uint16)) error {
 	if sub.Qos < qos {
 		qos = sub.Qos
 	}
@@ -176,6 +198,9 @@ func sendRetained(cl *mqtt.Client, sub packets.Subscription, topic string, paylo
 		}
 		out.PacketID = uint16(id)
 		cl.State.Inflight.Set(out)
+		if inflight != nil {
+			inflight(out.PacketID)
+		}
 	}
 	return cl.WritePacket(out)
 }

@@ -84,6 +84,7 @@ type Sidecar struct {
 	relay  *relay       // session mode
 	queue  *queue.Queue
 	state  *replayState
+	kept   *keptSessions // state's: the local persistent sessions (keptsessions.go)
 	mirror *mirror
 	direct directClients // deliver.go
 	wills  *delayedWills
@@ -100,6 +101,7 @@ type Sidecar struct {
 	subscribing  sync.Map // client id -> true between OnSubscribe and OnSubscribed
 	metrics      *Metrics
 	inbound      chan paho.Message
+	commitReq    chan chan error // to the inbound worker: write what is pending, and say when it is written
 	addrs        []net.Addr
 
 	mOutProtected, mOutPlain, mInProtected, mInPlain prometheus.Counter
@@ -164,17 +166,24 @@ func New(opts Options) (*Sidecar, error) {
 	if st.torn > 0 {
 		log.Warn("the inbound state log ended in an incomplete or damaged frame (a crash mid-write, or a damaged disk); cut off there", "file", filepath.Join(opts.DataDir, inboundLogName), "bytes", st.torn)
 	}
+	if n := st.kept.messagesHeld(); opts.Mode == ModeSession && n > 0 {
+		st.close()
+		q.Close()
+		return nil, fmt.Errorf("proxy: %s holds %d messages that bridge mode keeps for apps with persistent sessions, not delivered yet; run once more with sidecar.mode: bridge until the apps have them", filepath.Join(opts.DataDir, inboundLogName), n)
+	}
 	sc := &Sidecar{
-		opts:     opts,
-		log:      log,
-		policy:   policy,
-		keys:     opts.Keys,
-		opener:   envelope.NewOpener(opts.Keys, 4096),
-		queue:    q,
-		state:    st,
-		mirror:   newMirror(),
-		inbound:  make(chan paho.Message, 4096),
-		warnLast: make(map[string]time.Time),
+		opts:      opts,
+		log:       log,
+		policy:    policy,
+		keys:      opts.Keys,
+		opener:    envelope.NewOpener(opts.Keys, 4096),
+		queue:     q,
+		state:     st,
+		kept:      st.kept,
+		mirror:    newMirror(),
+		inbound:   make(chan paho.Message, 4096),
+		commitReq: make(chan chan error),
+		warnLast:  make(map[string]time.Time),
 	}
 	sc.deny.Store(opts.Deny)
 	sc.ctx, sc.cancel = context.WithCancel(context.Background())
@@ -316,7 +325,9 @@ func listenNet(i int, raw string, tlsConf *tls.Config) (net.Listener, error) {
 }
 
 // Start serves local clients, connects upstream (retrying in the
-// background) and starts the outbound sender and inbound worker.
+// background) and starts the outbound sender and inbound worker. The local
+// persistent sessions kept from an earlier run are loaded first, and their
+// subscriptions mirrored upstream once it is connected.
 func (sc *Sidecar) Start() error {
 	if sc.relay != nil {
 		sc.relay.start()
@@ -324,6 +335,9 @@ func (sc *Sidecar) Start() error {
 	}
 	if err := sc.server.Serve(); err != nil {
 		return fmt.Errorf("proxy: local broker: %w", err)
+	}
+	if n := sc.kept.count.Load(); n > 0 {
+		sc.log.Info("local persistent sessions restored", "sessions", n, "messages", sc.kept.messagesHeld(), "file", filepath.Join(sc.opts.DataDir, inboundLogName))
 	}
 	sc.wg.Add(2)
 	go func() { defer sc.wg.Done(); sc.runSender(sc.ctx) }()

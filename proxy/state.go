@@ -57,10 +57,11 @@ type retainedTriple struct {
 }
 
 // replayState is the inbound state that must survive a restart: each
-// sender's replay window and each protected topic's retained register. It is
-// kept in memory; what changed is appended to inbound.log (inboundlog.go),
-// once per inbound batch, before the batch is delivered and acknowledged
-// upstream.
+// sender's replay window and each protected topic's retained register, and
+// the local persistent sessions with the messages held for them (kept). It
+// is kept in memory; what changed is appended to inbound.log
+// (inboundlog.go), once per inbound batch, before the batch is delivered
+// and acknowledged upstream.
 type replayState struct {
 	dir     string
 	sync    queue.Sync
@@ -97,6 +98,8 @@ type replayState struct {
 	wbuf    []byte    // pend's contents while commit writes them
 	torn    int       // bytes cut off the log's end when it was loaded
 
+	kept *keptSessions // its own lock, taken after mu
+
 	stop     chan struct{}
 	done     chan struct{}
 	commitMu sync.Mutex  // one commit at a time: the inbound worker's, or close's
@@ -111,6 +114,7 @@ func newReplayState() *replayState {
 		windows:  make(map[senderKey]*senderWindow),
 		perGroup: make(map[string]int),
 		retained: make(map[string]retainedTriple),
+		kept:     newKeptSessions(),
 		stop:     make(chan struct{}),
 
 		sessions:     make(map[string]*sessionState),
@@ -189,6 +193,10 @@ func (st *replayState) apply(r *inboundRecord) error {
 	case frameKindRetained:
 		st.retained[string(r.topic)] = r.triple
 	default:
+		if r.kind >= frameKindKeptSession {
+			st.kept.apply(r)
+			return nil
+		}
 		return st.applySession(r)
 	}
 	return nil
@@ -221,7 +229,7 @@ func (st *replayState) snapshot() []byte {
 	for topic, t := range st.retained {
 		b = appendRetainedFrame(b, topic, t)
 	}
-	return st.snapshotSessions(b)
+	return st.kept.snapshot(st.snapshotSessions(b))
 }
 
 // compact replaces the log with one that holds the whole state.
@@ -357,17 +365,24 @@ func (st *replayState) freshRetained(topic string, t retainedTriple) bool {
 // commit writes every change since the last commit with one write(2), and
 // fsyncs it under sync: always. A log grown past twice its last snapshot
 // (and by minCompactGrowth) is compacted instead.
+//
+// The kept sessions' frames go first: a write that a crash cuts short may
+// then keep a message held for a session without the replay state that
+// goes with it (the message is delivered twice, as QoS 1 allows), never
+// the replay state without the message (which would refuse upstream's
+// resend of a message nobody has).
 func (st *replayState) commit() error {
 	st.commitMu.Lock()
 	defer st.commitMu.Unlock()
 	st.mu.Lock()
-	if len(st.pend) == 0 && !st.rewrite {
+	st.wbuf = st.kept.drain(st.wbuf[:0])
+	if len(st.pend) == 0 && len(st.wbuf) == 0 && !st.rewrite {
 		st.mu.Unlock()
 		return nil
 	}
 	st.closeRunLocked()
-	if grown := st.size + int64(len(st.pend)) - st.base; st.rewrite || grown >= minCompactGrowth && grown >= st.base {
-		st.pend = st.pend[:0] // the snapshot holds it
+	if grown := st.size + int64(len(st.wbuf)+len(st.pend)) - st.base; st.rewrite || grown >= minCompactGrowth && grown >= st.base {
+		st.pend = st.pend[:0] // the snapshot holds it, and what was drained
 		err := st.compact()
 		if err != nil {
 			st.rewrite = true
@@ -375,7 +390,8 @@ func (st *replayState) commit() error {
 		st.mu.Unlock()
 		return err
 	}
-	st.pend, st.wbuf = st.wbuf[:0], st.pend
+	st.wbuf = append(st.wbuf, st.pend...)
+	st.pend = st.pend[:0]
 	st.mu.Unlock()
 
 	n, err := st.log.Write(st.wbuf)

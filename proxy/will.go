@@ -18,11 +18,11 @@ package proxy
 //     [MQTT-3.1.3-9]; one with Clean Start 1 ends the session, and the
 //     Will is relayed at once. The same holds when the new connection
 //     takes over one that is still open and whose Will comes after it.
-//  5. The session expires (OnClientExpired), or the sidecar stops: the
-//     local broker keeps its sessions in memory only, so a stop ends every
-//     local session, and a held Will is relayed then, before the outbound
-//     queue drains (a QoS 1/2 Will that cannot reach upstream before the
-//     stop is sent after the next start).
+//  5. The session expires (OnClientExpired), or the sidecar stops: a
+//     held Will is relayed then, before the outbound queue drains (a QoS
+//     1/2 Will that cannot reach upstream before the stop is sent after the
+//     next start). The sessions themselves outlive the stop
+//     (keptsessions.go); their held Wills, kept in memory, do not.
 
 import (
 	"context"

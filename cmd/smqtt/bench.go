@@ -46,6 +46,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	messages := fs.Int("messages", 20000, "messages per publisher")
 	publishers := fs.Int("publishers", 1, "publishing apps")
 	subscribers := fs.Int("subscribers", 1, "subscribing apps, each gets every message (fan-out)")
+	keepSession := fs.Bool("keep-session", false, "subscribers ask for a persistent session (clean session 0), which a sidecar keeps on disk")
 	rate := fs.Float64("rate", 0, "messages per second per publisher (0: as fast as the path takes)")
 	window := fs.Int("window", 1000, "publishes not yet acknowledged, per publisher")
 	timeout := fs.Duration("timeout", 60*time.Second, "each scenario stops after this long")
@@ -104,7 +105,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	}
 	rs, err := bench.Suite(ctx, bench.Options{
 		Name: *name, UpstreamURL: *upstream, ChainPub: *chainPub, ChainSub: *chainSub,
-		QoS: byte(*qos), Size: *size, Messages: *messages, Publishers: *publishers, Subscribers: *subscribers,
+		QoS: byte(*qos), Size: *size, Messages: *messages, Publishers: *publishers, Subscribers: *subscribers, KeepSession: *keepSession,
 		Rate: *rate, Window: *window, Timeout: *timeout, TopicRoot: *topicRoot, Mode: proxy.Mode(*mode), Progress: stderr, Logger: log,
 	}, topos, nil)
 	if !*jsonOnly && len(rs) > 0 {

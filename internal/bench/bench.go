@@ -90,6 +90,7 @@ type Options struct {
 	Messages    int     // per publisher (default 20000)
 	Publishers  int     // default 1
 	Subscribers int     // each gets every message (default 1)
+	KeepSession bool    // subscribers ask for a persistent session (clean session 0)
 	Rate        float64 // messages per second per publisher; 0: as fast as the path takes
 	// TopicRoot is the first level of every benchmark topic (default
 	// "bench"): scenarios sharing a broker with other traffic (a bridge
@@ -279,7 +280,7 @@ func (s *scenario) setup(ctx context.Context) error {
 		s.subs = append(s.subs, sub)
 	}
 	for i := range o.Publishers {
-		c, err := connect(s.pubURL, fmt.Sprintf("bench-%s-pub-%d", s.run, i), nil)
+		c, err := connect(s.pubURL, fmt.Sprintf("bench-%s-pub-%d", s.run, i), true, nil)
 		if err != nil {
 			return err
 		}
@@ -582,7 +583,7 @@ func newSubscriber(url, id, prefix string, o Options) (*subscriber, error) {
 	s.t.high = make([]uint64, o.Publishers)
 	s.t.lat = make([]time.Duration, 0, o.Messages*o.Publishers)
 	probeTopic := prefix + "/probe"
-	c, err := connect(url, id, func(_ paho.Client, m paho.Message) {
+	c, err := connect(url, id, !o.KeepSession, func(_ paho.Client, m paho.Message) {
 		if m.Topic() == probeTopic {
 			s.mu.Lock()
 			s.t.probe = true
@@ -657,11 +658,11 @@ func (s *subscriber) stop() tally {
 	return s.t
 }
 
-func connect(url, id string, onMessage paho.MessageHandler) (paho.Client, error) {
+func connect(url, id string, clean bool, onMessage paho.MessageHandler) (paho.Client, error) {
 	opts := paho.NewClientOptions().
 		AddBroker(url).
 		SetClientID(id).
-		SetCleanSession(true).
+		SetCleanSession(clean).
 		SetAutoReconnect(false).
 		SetOrderMatters(true).
 		SetKeepAlive(30 * time.Second).
