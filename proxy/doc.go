@@ -1,9 +1,32 @@
-// Package proxy is the smqtt sidecar: a local MQTT broker that unmodified
-// applications connect to, and a bridge that relays their traffic to an
-// untrusted upstream broker, sealing the payloads of protected topics on the
-// way out and opening them on the way in.
+// Package proxy is the smqtt sidecar: the MQTT endpoint that unmodified
+// applications connect to instead of their broker. It relays their traffic
+// to an untrusted upstream broker, sealing the payloads (and the
+// confidential MQTT 5 properties) of protected topics on the way out and
+// opening them on the way in. It runs in one of two modes (Options.Mode).
 //
-// A message travels through these files in this order:
+// # Session mode (the default)
+//
+// Every application connection gets an upstream connection of its own, with
+// the application's client id, protocol version, session flags, Will and
+// credentials; the sidecar relays packets between the two and holds no
+// message, so sessions, acknowledgements, retained messages and offline
+// queues are the broker's. A connection travels through these files in this
+// order:
+//
+//   - session.go: accept, the application's CONNECT turned into the upstream
+//     one (the Will sealed), the handshake, the CONNACK back.
+//   - sessionout.go: the application's packets to upstream (PUBLISH sealed).
+//   - sessionin.go: upstream's packets to the application (PUBLISH opened,
+//     checked against the session's replay state).
+//   - sessionstate.go: the replay state of each application session, kept in
+//     inbound.log with the host-wide state (state.go, inboundlog.go).
+//   - mqttwire.go: the MQTT packets the relay decodes, properties kept raw.
+//
+// # Bridge mode
+//
+// One shared MQTT 3.1.1 upstream connection per host, a local mochi-mqtt
+// broker for the applications, and a durable store-and-forward queue. A
+// message travels through these files in this order:
 //
 //   - hook.go: the mochi-mqtt hook on the local broker. It sees every local
 //     PUBLISH, SUBSCRIBE, UNSUBSCRIBE, Will and session expiry.
