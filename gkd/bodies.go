@@ -11,8 +11,8 @@ import (
 
 // A Body is the decoded body of a key-distribution message: one of
 // [JoinRequest], [JoinResponse], [Refusal], [Rekey], [Leave], [Heartbeat],
-// [Policy], [Register], [Challenge], [ChallengeResponse], [RekeyAck] and
-// [GroupRekey].
+// [Policy], [Register], [Challenge], [ChallengeResponse], [RekeyAck],
+// [GroupRekey] and [Roster].
 // MarshalBinary encodes it as specified in docs/PROTOCOL.md (section 2.5);
 // the matching Parse function decodes it.
 type Body interface {
@@ -49,6 +49,8 @@ func ParseBody(t MsgType, b []byte) (Body, error) {
 		return asBody(ParseRekeyAck(b))
 	case TypeGroupRekey:
 		return asBody(ParseGroupRekey(b))
+	case TypeRoster:
+		return asBody(ParseRoster(b))
 	}
 	return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, uint8(t))
 }
@@ -163,8 +165,24 @@ type JoinResponse struct {
 	Key          [GroupKeySize]byte
 	Counter      uint64    // the group's message counter
 	ActivateAt   time.Time // when to start sending under Key; zero: at once
-	Ext          []byte    // scheme-specific, may be empty
+	Flags        GroupFlags
+	Roster       uint64 // sender_auth: the roster version the member must hold; 0 otherwise
+	Ext          []byte // scheme-specific, may be empty
 }
+
+// GroupFlags are a group's settings that members must know.
+type GroupFlags uint8
+
+// The group flags; the others are reserved and must be zero.
+const (
+	// FlagSenderAuth: members sign what they seal (docs/PROTOCOL.md 1.10),
+	// and receivers accept only what a sender in the group's [Roster]
+	// signed.
+	FlagSenderAuth GroupFlags = 1 << 0
+)
+
+// SenderAuth reports whether FlagSenderAuth is set.
+func (f GroupFlags) SenderAuth() bool { return f&FlagSenderAuth != 0 }
 
 // Refusal answers a request that the key server refuses (server → member,
 // plain).
@@ -204,7 +222,32 @@ type Heartbeat struct {
 	Group   [8]byte
 	Epoch   uint32
 	Counter uint64
+	Roster  uint64 // sender_auth: the current roster version; 0 otherwise
 }
+
+// Roster says which member signs as which sender id in a sender_auth group
+// (server → group, broadcast, or → one member after its JoinResponse;
+// plain, signed). A roster too large for one message travels in Parts
+// messages of one Version, numbered from 0; a member installs a version
+// once it holds every part.
+type Roster struct {
+	Group   [8]byte
+	Version uint64 // increasing with every change of the group's senders
+	Part    uint16
+	Parts   uint16        // at least 1
+	Senders []RosterEntry // at most 65535 in one part
+}
+
+// A RosterEntry certifies one sender id: the member whose Ed25519 key
+// signs its envelopes.
+type RosterEntry struct {
+	Sender uint64
+	Member [8]byte  // the member's id
+	Key    [32]byte // its Ed25519 public key (of its identity)
+}
+
+// RosterEntrySize is the encoded size of one RosterEntry.
+const RosterEntrySize = 8 + 8 + 32
 
 // Policy lists every protected topic filter (server → every member, plain).
 type Policy struct {
@@ -255,6 +298,9 @@ type GroupRekey struct {
 	Chunk         []byte    // one chunk of the rekey's wrapped keys
 }
 
+// Type returns TypeRoster.
+func (Roster) Type() MsgType { return TypeRoster }
+
 // Type returns TypeJoinRequest.
 func (JoinRequest) Type() MsgType { return TypeJoinRequest }
 
@@ -301,7 +347,7 @@ func (b JoinRequest) MarshalBinary() ([]byte, error) {
 
 // MarshalBinary encodes the JoinResponse body.
 func (b JoinResponse) MarshalBinary() ([]byte, error) {
-	w := newWriter(TypeJoinResponse, 8+NonceSize+1+4+8+GroupKeySize+8+8+4+len(b.Ext))
+	w := newWriter(TypeJoinResponse, 8+NonceSize+1+4+8+GroupKeySize+8+8+1+8+4+len(b.Ext))
 	w.bytes(b.Group[:])
 	w.bytes(b.RequestNonce[:])
 	w.scheme(b.Scheme)
@@ -310,6 +356,8 @@ func (b JoinResponse) MarshalBinary() ([]byte, error) {
 	w.bytes(b.Key[:])
 	w.u64(b.Counter)
 	w.time("activate_at", b.ActivateAt)
+	w.groupFlags(b.Flags)
+	w.u64(b.Roster)
 	w.blob32("ext", b.Ext)
 	return w.result()
 }
@@ -355,10 +403,33 @@ func (b Leave) MarshalBinary() ([]byte, error) {
 
 // MarshalBinary encodes the Heartbeat body.
 func (b Heartbeat) MarshalBinary() ([]byte, error) {
-	w := newWriter(TypeHeartbeat, 8+4+8)
+	w := newWriter(TypeHeartbeat, 8+4+8+8)
 	w.bytes(b.Group[:])
 	w.u32(b.Epoch)
 	w.u64(b.Counter)
+	w.u64(b.Roster)
+	return w.result()
+}
+
+// MarshalBinary encodes the Roster body.
+func (b Roster) MarshalBinary() ([]byte, error) {
+	w := newWriter(TypeRoster, 8+8+2+2+2+len(b.Senders)*RosterEntrySize)
+	w.bytes(b.Group[:])
+	w.u64(b.Version)
+	w.u16(b.Part)
+	w.u16(b.Parts)
+	switch {
+	case b.Parts == 0 || b.Part >= b.Parts:
+		w.fail("part %d of %d", b.Part, b.Parts)
+	case len(b.Senders) > math.MaxUint16:
+		w.fail("%d senders in one part, more than %d", len(b.Senders), math.MaxUint16)
+	}
+	w.u16(uint16(len(b.Senders)))
+	for _, e := range b.Senders {
+		w.u64(e.Sender)
+		w.bytes(e.Member[:])
+		w.bytes(e.Key[:])
+	}
 	return w.result()
 }
 
@@ -446,6 +517,11 @@ func ParseJoinResponse(b []byte) (JoinResponse, error) {
 	r.array("key", v.Key[:])
 	v.Counter = r.u64("counter")
 	v.ActivateAt = r.time("activate_at")
+	v.Flags = GroupFlags(r.u8("flags"))
+	if r.err == nil && v.Flags&^FlagSenderAuth != 0 {
+		r.fail("reserved flags 0x%02x", uint8(v.Flags))
+	}
+	v.Roster = r.u64("roster")
 	v.Ext = r.blob32("ext")
 	return finish(v, &r)
 }
@@ -499,6 +575,31 @@ func ParseHeartbeat(b []byte) (Heartbeat, error) {
 	r.array("group", v.Group[:])
 	v.Epoch = r.u32("epoch")
 	v.Counter = r.u64("counter")
+	v.Roster = r.u64("roster")
+	return finish(v, &r)
+}
+
+// ParseRoster decodes a Roster body.
+func ParseRoster(b []byte) (Roster, error) {
+	var v Roster
+	r := bodyReader(TypeRoster, b)
+	r.array("group", v.Group[:])
+	v.Version = r.u64("version")
+	v.Part = r.u16("part")
+	v.Parts = r.u16("parts")
+	if r.err == nil && (v.Parts == 0 || v.Part >= v.Parts) {
+		r.fail("part %d of %d", v.Part, v.Parts)
+	}
+	n := int(r.u16("count"))
+	// Do not trust n for the allocation: each entry takes RosterEntrySize.
+	v.Senders = make([]RosterEntry, 0, min(n, len(r.b)/RosterEntrySize))
+	for i := 0; i < n && r.err == nil; i++ {
+		var e RosterEntry
+		e.Sender = r.u64(fmt.Sprintf("senders[%d].sender", i))
+		r.array(fmt.Sprintf("senders[%d].member", i), e.Member[:])
+		r.array(fmt.Sprintf("senders[%d].key", i), e.Key[:])
+		v.Senders = append(v.Senders, e)
+	}
 	return finish(v, &r)
 }
 
@@ -589,6 +690,13 @@ func (w *writer) u8(v uint8)     { w.b = append(w.b, v) }
 func (w *writer) u16(v uint16)   { w.b = binary.BigEndian.AppendUint16(w.b, v) }
 func (w *writer) u32(v uint32)   { w.b = binary.BigEndian.AppendUint32(w.b, v) }
 func (w *writer) u64(v uint64)   { w.b = binary.BigEndian.AppendUint64(w.b, v) }
+
+func (w *writer) groupFlags(f GroupFlags) {
+	if f&^FlagSenderAuth != 0 {
+		w.fail("reserved group flags 0x%02x", uint8(f))
+	}
+	w.u8(uint8(f))
+}
 
 func (w *writer) scheme(s Scheme) {
 	if !s.known() {

@@ -75,12 +75,18 @@ func sampleGroupRekey() GroupRekey {
 	}
 }
 
+func sampleRoster() Roster {
+	return Roster{Group: seq8(0x10), Version: 3, Part: 1, Parts: 2, Senders: []RosterEntry{
+		{Sender: 7, Member: seq8(0x30), Key: seq32(0x40)}, {Sender: 9, Member: seq8(0x50), Key: seq32(0x60)}}}
+}
+
 // sampleBodies has one body of every type, in type order.
 func sampleBodies() []Body {
 	return []Body{
 		sampleJoinRequest(), sampleJoinResponse(), sampleRefusal(), sampleRekey(),
 		sampleLeave(), sampleHeartbeat(), samplePolicy(), sampleRegister(),
 		sampleChallenge(), sampleChallengeResponse(), sampleRekeyAck(), sampleGroupRekey(),
+		sampleRoster(),
 	}
 }
 
@@ -115,16 +121,20 @@ func TestZeroBodiesRoundTrip(t *testing.T) {
 	for _, b := range []Body{
 		JoinRequest{}, JoinResponse{Scheme: SchemeStatic}, Refusal{Code: RefusalBadRequest}, Rekey{},
 		Leave{Reason: LeaveShutdown}, Heartbeat{}, Policy{}, Register{}, Challenge{}, ChallengeResponse{}, RekeyAck{},
-		GroupRekey{},
+		GroupRekey{}, Roster{Parts: 1},
 	} {
 		got, err := ParseBody(b.Type(), mustMarshal(t, b))
 		if err != nil {
 			t.Errorf("%s: %v", b.Type(), err)
 			continue
 		}
-		// An empty policy decodes with an empty, non-nil entry list.
+		// An empty policy or roster decodes with an empty, non-nil list.
 		if p, ok := got.(Policy); ok && len(p.Entries) == 0 {
 			got = Policy{Version: p.Version}
+		}
+		if r, ok := got.(Roster); ok && len(r.Senders) == 0 {
+			r.Senders = nil
+			got = r
 		}
 		if !equalBodies(got, b) {
 			t.Errorf("%s: ParseBody = %+v, want %+v", b.Type(), got, b)
@@ -138,11 +148,12 @@ func TestBodySizes(t *testing.T) {
 		size int
 	}{
 		{JoinRequest{}, 24},
-		{JoinResponse{Scheme: SchemeLKH}, 8 + 16 + 1 + 4 + 8 + 32 + 8 + 8 + 4},
+		{JoinResponse{Scheme: SchemeLKH}, 8 + 16 + 1 + 4 + 8 + 32 + 8 + 8 + 1 + 8 + 4},
 		{Refusal{Code: RefusalRevoked, Reason: "ab"}, 8 + 16 + 1 + 2 + 2},
 		{Rekey{Ext: []byte{1}}, 8 + 4 + 32 + 8 + 8 + 8 + 8 + 4 + 1},
 		{Leave{Reason: LeaveWill}, 25},
-		{Heartbeat{}, 20},
+		{Heartbeat{}, 28},
+		{Roster{Parts: 1, Senders: make([]RosterEntry, 2)}, 8 + 8 + 2 + 2 + 2 + 2*48},
 		{Policy{Entries: []PolicyEntry{{Filter: "a/#"}}}, 8 + 2 + 8 + 2 + 3},
 		{Register{}, 16},
 		{Challenge{}, 16},
@@ -332,5 +343,35 @@ func TestGroupRekeyCarriesAChunkToTheMembers(t *testing.T) {
 	wantV, wantK := tree.GroupKey()
 	if v, k := a.GroupKey(); v != wantV || k != wantK {
 		t.Fatalf("member at version %d after the chunk, want %d and the tree's key", v, wantV)
+	}
+}
+
+// TestSenderAuthFieldsRefuseWhatTheyDoNotDefine: reserved group flags, and
+// a roster part outside its count, are malformed.
+func TestSenderAuthFieldsRefuseWhatTheyDoNotDefine(t *testing.T) {
+	jr := sampleJoinResponse()
+	jr.Flags = FlagSenderAuth
+	enc := mustMarshal(t, jr)
+	flags := len(enc) - 4 - len(jr.Ext) - 8 - 1
+	if got, err := ParseJoinResponse(enc); err != nil || !got.Flags.SenderAuth() {
+		t.Fatalf("a sender_auth JoinResponse: %+v, %v", got.Flags, err)
+	}
+	enc[flags] |= 0x02
+	if _, err := ParseJoinResponse(enc); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("a reserved group flag: %v, want ErrMalformed", err)
+	}
+	jr.Flags = 0x80
+	if _, err := jr.MarshalBinary(); err == nil {
+		t.Fatal("a reserved group flag encoded")
+	}
+	for _, r := range []Roster{{Parts: 0}, {Part: 2, Parts: 2}} {
+		if _, err := r.MarshalBinary(); err == nil {
+			t.Errorf("roster part %d of %d encoded", r.Part, r.Parts)
+		}
+	}
+	ro := mustMarshal(t, sampleRoster())
+	ro[8+8+1] = 2 // part 2 of 2
+	if _, err := ParseRoster(ro); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("roster part 2 of 2: %v, want ErrMalformed", err)
 	}
 }

@@ -581,3 +581,9 @@ func abbrev(s string) string {
 	}
 	return s[:n] + "..."
 }
+
+// SigningKey returns the Ed25519 public key of the identity: what a Roster
+// certifies for the member's sender ids in a sender_auth group.
+func (pk *PublicKey) SigningKey() [ed25519.PublicKeySize]byte {
+	return [ed25519.PublicKeySize]byte(pk.sign)
+}

@@ -69,8 +69,9 @@ const (
 	TypeChallengeResponse MsgType = 10 // member → server
 	TypeRekeyAck          MsgType = 11 // member → server
 	TypeGroupRekey        MsgType = 12 // server → group (one chunk of an lkh rekey)
+	TypeRoster            MsgType = 13 // server → group or member (sender_auth: who signs as which sender)
 
-	maxType = TypeGroupRekey
+	maxType = TypeRoster
 )
 
 var typeNames = [...]string{
@@ -86,6 +87,7 @@ var typeNames = [...]string{
 	TypeChallengeResponse: "ChallengeResponse",
 	TypeRekeyAck:          "RekeyAck",
 	TypeGroupRekey:        "GroupRekey",
+	TypeRoster:            "Roster",
 }
 
 // String returns the type's name, or "MsgType(N)" for an unknown type.

@@ -144,7 +144,7 @@ func TestBuildRejectsInvalidHeaders(t *testing.T) {
 		want error
 	}{
 		{"unknown type 0", Header{Type: 0}, nil, ErrMalformed},
-		{"unknown type 13", Header{Type: 13}, nil, ErrMalformed},
+		{"unknown type 14", Header{Type: 14}, nil, ErrMalformed},
 		{"sealed type to nobody", Header{Type: TypeRekey}, nil, ErrMalformed},
 		{"time before 1970", Header{Type: TypeLeave, Time: time.Unix(-1, 0)}, nil, ErrMalformed},
 		{"body too large", Header{Type: TypePolicy}, make([]byte, MaxBodySize+1), ErrMalformed},
@@ -433,7 +433,7 @@ func TestParseRejectsMalformedMessages(t *testing.T) {
 		{"flags", edit(func(b []byte) []byte { b[offFlags] = 0x01; return b }), ErrMalformed},
 		{"high flag", edit(func(b []byte) []byte { b[offFlags] = 0x80; return b }), ErrMalformed},
 		{"type 0", edit(func(b []byte) []byte { b[offType] = 0; return b }), ErrMalformed},
-		{"type 13", edit(func(b []byte) []byte { b[offType] = 13; return b }), ErrMalformed},
+		{"type 14", edit(func(b []byte) []byte { b[offType] = 14; return b }), ErrMalformed},
 		{"type 255", edit(func(b []byte) []byte { b[offType] = 255; return b }), ErrMalformed},
 		{"body length too long", edit(func(b []byte) []byte { b[offBodyLen+3]++; return b }), ErrMalformed},
 		{"body length too short", edit(func(b []byte) []byte { b[offBodyLen+3]--; return b }), ErrMalformed},
@@ -485,7 +485,8 @@ func TestMsgTypeString(t *testing.T) {
 		TypeRekeyAck:          "RekeyAck",
 		TypeGroupRekey:        "GroupRekey",
 		0:                     "MsgType(0)",
-		13:                    "MsgType(13)",
+		13:                    "Roster",
+		14:                    "MsgType(14)",
 	} {
 		if got := typ.String(); got != want {
 			t.Errorf("MsgType(%d).String() = %q, want %q", uint8(typ), got, want)

@@ -113,7 +113,7 @@ func vectorInputs(t *testing.T) []vectorInput {
 			JoinRequest{Group: demo, ConnID: connID}},
 		{"JoinResponse (x25519)", "keyserver", "sidecar-a", T + 150, seq16(0xb0),
 			JoinResponse{Group: demo, RequestNonce: request, Scheme: SchemeUpdate, Epoch: 3, Sender: 17,
-				Key: seq32(0xe0), Counter: 41}},
+				Key: seq32(0xe0), Counter: 41, Flags: FlagSenderAuth, Roster: 5}},
 		{"Refusal", "keyserver", "sidecar-a", T + 150, seq16(0xb1),
 			Refusal{Group: plant, RequestNonce: request, Code: RefusalNotAuthorised, Reason: "not authorised"}},
 		{"Rekey (x25519)", "keyserver", "sidecar-a", T + 60_000, seq16(0xb2),
@@ -124,7 +124,11 @@ func vectorInputs(t *testing.T) []vectorInput {
 		{"Leave (Will, every group)", "sidecar-a", "keyserver", T - 3_600_000, seq16(0xa1),
 			Leave{ConnID: connID, Reason: LeaveWill}},
 		{"Heartbeat", "keyserver", "", T + 70_000, seq16(0xb3),
-			Heartbeat{Group: demo, Epoch: 4, Counter: 43}},
+			Heartbeat{Group: demo, Epoch: 4, Counter: 43, Roster: 5}},
+		{"Roster", "keyserver", "", T + 60_100, seq16(0xb8),
+			Roster{Group: demo, Version: 5, Part: 0, Parts: 1, Senders: []RosterEntry{
+				{Sender: 17, Member: ids["sidecar-a"], Key: referenceSignKey(t, "sidecar-a")},
+				{Sender: 18, Member: ids["sidecar-b"], Key: referenceSignKey(t, "sidecar-b")}}}},
 		{"Policy", "keyserver", "", T + 70_000, seq16(0xb4),
 			Policy{Version: 2, Entries: []PolicyEntry{{Group: demo, Filter: "secure/#"}, {Group: plant, Filter: "plant/+/telemetry"}}}},
 		{"Register", "sidecar-a", "keyserver", T - 3_600_000, seq16(0xa2),
@@ -145,6 +149,17 @@ func vectorInputs(t *testing.T) []vectorInput {
 			JoinResponse{Group: demo, RequestNonce: seq16(0x60), Scheme: SchemeStatic, Epoch: 1, Sender: 18,
 				Key: seq32(0x80), Counter: 41}},
 	}
+}
+
+// referenceSignKey is the Ed25519 public key of the named vector identity.
+func referenceSignKey(t testing.TB, name string) [32]byte {
+	var k [32]byte
+	for _, vi := range vectorIdentities() {
+		if vi.Name == name {
+			copy(k[:], referenceIdentity(t, vi).sign.Public().(ed25519.PublicKey))
+		}
+	}
+	return k
 }
 
 // refIdentity is an identity rebuilt from the specification with the
@@ -199,6 +214,8 @@ func referenceBody(v reflect.Value) []byte {
 		}
 	case v.Kind() == reflect.Uint8:
 		b = append(b, byte(v.Uint()))
+	case v.Kind() == reflect.Uint16:
+		b = binary.BigEndian.AppendUint16(b, uint16(v.Uint()))
 	case v.Kind() == reflect.Uint32:
 		b = binary.BigEndian.AppendUint32(b, uint32(v.Uint()))
 	case v.Kind() == reflect.Uint64:
