@@ -42,6 +42,12 @@ type Ring struct {
 	until   map[string]map[uint32]time.Time          // group -> epoch -> senders stop using it
 	miss    map[string]func(epoch uint32)            // group -> told of each lookup without a key
 	now     func() time.Time
+
+	// sender_auth (senders.go)
+	senderAuth map[string]bool    // groups whose envelopes carry batch proofs
+	rosters    map[string]*roster // group -> installed roster
+	signer     ProofSigner        // this process's identity
+
 }
 
 // NewRing returns an empty ring.
@@ -54,6 +60,9 @@ func NewRing() *Ring {
 		until:   make(map[string]map[uint32]time.Time),
 		miss:    make(map[string]func(uint32)),
 		now:     time.Now,
+
+		senderAuth: make(map[string]bool),
+		rosters:    make(map[string]*roster),
 	}
 }
 
@@ -188,6 +197,8 @@ func (r *Ring) Forget(group string) {
 	defer r.mu.Unlock()
 	delete(r.keys, group)
 	delete(r.sealers, group)
+	delete(r.senderAuth, group)
+	delete(r.rosters, group)
 }
 
 // Sealer returns the sealer a group's messages are protected with now, or
