@@ -62,8 +62,11 @@ const (
 	// FlagProps says the plaintext starts with sealed MQTT 5 properties
 	// (see [AppendProps] and [SplitProps]).
 	FlagProps Flags = 1 << 3
+	// FlagProof says a sender proof follows the tag (sender_auth groups:
+	// see proof.go and docs/PROTOCOL.md 1.10).
+	FlagProof Flags = 1 << 4
 
-	knownFlags = FlagRetain | FlagReseal | FlagWill | FlagProps
+	knownFlags = FlagRetain | FlagReseal | FlagWill | FlagProps | FlagProof
 )
 
 // Valid reports whether f has no reserved bits set and FlagReseal, if set,
@@ -84,6 +87,9 @@ func (f Flags) Will() bool { return f&FlagWill != 0 }
 // Props reports whether FlagProps is set.
 func (f Flags) Props() bool { return f&FlagProps != 0 }
 
+// Proof reports whether FlagProof is set.
+func (f Flags) Proof() bool { return f&FlagProof != 0 }
+
 // String returns the flags as "retain|reseal", "retain", "0", or with a hex
 // remainder for reserved bits, for logs.
 func (f Flags) String() string {
@@ -99,6 +105,9 @@ func (f Flags) String() string {
 	}
 	if f.Props() {
 		parts = append(parts, "props")
+	}
+	if f.Proof() {
+		parts = append(parts, "proof")
 	}
 	if rest := f &^ knownFlags; rest != 0 {
 		parts = append(parts, fmt.Sprintf("0x%02x", uint8(rest)))
@@ -132,8 +141,9 @@ var (
 	ErrSeqExhausted = errors.New("envelope: sequence numbers exhausted")
 )
 
-// Reason maps an error returned by [Opener.Open] to a short metric label:
-// "malformed", "version", "no_key" or "auth". It returns "" for nil and
+// Reason maps an error returned by [Opener.Open] or [ProofChecker.Check] to
+// a short metric label: "malformed", "version", "no_key", "auth" or
+// "sender_auth". It returns "" for nil and
 // "other" for errors that did not come from Open. Callers add "replay" for
 // messages their [ReplayWindow] rejects.
 func Reason(err error) string {
@@ -142,6 +152,8 @@ func Reason(err error) string {
 		return ""
 	case errors.Is(err, ErrAuth):
 		return "auth"
+	case errors.Is(err, ErrProof):
+		return "sender_auth"
 	case errors.Is(err, ErrNoKey):
 		return "no_key"
 	case errors.Is(err, ErrVersion):

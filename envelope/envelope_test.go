@@ -211,7 +211,7 @@ func TestSealRejectsInvalidArguments(t *testing.T) {
 	}{
 		{"empty topic", "", 0},
 		{"topic of 65536 bytes", strings.Repeat("t", 65536), 0},
-		{"reserved flag bit 4", testTopic, 1 << 4},
+		{"reserved flag bit 5", testTopic, 1 << 5},
 		{"reserved flag bit 7", testTopic, 1 << 7},
 		{"reseal without retain", testTopic, envelope.FlagReseal},
 		{"reseal of a Will", testTopic, envelope.FlagRetain | envelope.FlagReseal | envelope.FlagWill},

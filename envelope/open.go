@@ -91,7 +91,18 @@ func (o *Opener) Open(dst []byte, group, topic string, msg []byte) (Header, []by
 	sc := scratchPool.Get().(*scratch)
 	putNonce(&sc.nonce, h.Seq)
 	ad := appendAD(sc.ad[:0], msg, group, topic)
-	out, err := aead.Open(dst, sc.nonce[:], msg[HeaderLen:], ad)
+	body := msg[HeaderLen:]
+	if h.Flags.Proof() {
+		// The proof is checked by a ProofChecker; the AEAD covers what
+		// precedes it.
+		start, _, _, err := parseTrailer(msg)
+		if err != nil {
+			scratchPool.Put(sc)
+			return Header{}, dst, fmt.Errorf("open on topic %q: %w", topic, err)
+		}
+		body = msg[HeaderLen:start]
+	}
+	out, err := aead.Open(dst, sc.nonce[:], body, ad)
 	scratchPool.Put(sc)
 	if err != nil {
 		return Header{}, dst, fmt.Errorf("%w: group %q epoch %d sender %d seq %d topic %q", ErrAuth, group, h.Epoch, h.Sender, h.Seq, topic)
