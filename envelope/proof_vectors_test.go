@@ -162,14 +162,7 @@ func TestProofVectors(t *testing.T) {
 		if err := os.WriteFile(proofVectorsFile, append(raw, '\n'), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		doc, err := os.ReadFile(protocolFile)
-		if err != nil {
-			t.Fatal(err)
-		}
-		i, j := strings.Index(string(doc), proofDocBegin), strings.Index(string(doc), proofDocEnd)
-		if i < 0 || j < i {
-			t.Fatalf("%s lacks the markers %q and %q", protocolFile, proofDocBegin, proofDocEnd)
-		}
+		doc, i, j := readProofDoc(t)
 		doc = []byte(string(doc[:i+len(proofDocBegin)]) + "\n" + renderProofVectors(out) + string(doc[j:]))
 		if err := os.WriteFile(protocolFile, doc, 0o644); err != nil {
 			t.Fatal(err)
@@ -227,14 +220,7 @@ func TestProofVectors(t *testing.T) {
 			}
 		})
 	}
-	doc, err := os.ReadFile(protocolFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i, j := strings.Index(string(doc), proofDocBegin), strings.Index(string(doc), proofDocEnd)
-	if i < 0 || j < i {
-		t.Fatalf("%s lacks the markers %q and %q", protocolFile, proofDocBegin, proofDocEnd)
-	}
+	doc, i, j := readProofDoc(t)
 	if got, want := strings.TrimPrefix(string(doc[i+len(proofDocBegin):j]), "\n"), renderProofVectors(file.Vectors); got != want {
 		t.Errorf("%s lists other proof vectors than %s; run go test ./envelope -run TestProofVectors -update", protocolFile, proofVectorsFile)
 	}
@@ -264,6 +250,20 @@ func TestProofTreeIsRFC6962(t *testing.T) {
 			}
 		}
 	}
+}
+
+// readProofDoc reads docs/PROTOCOL.md and finds its proof vector markers.
+func readProofDoc(t *testing.T) (doc []byte, begin, end int) {
+	t.Helper()
+	doc, err := os.ReadFile(protocolFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	begin, end = strings.Index(string(doc), proofDocBegin), strings.Index(string(doc), proofDocEnd)
+	if begin < 0 || end < begin {
+		t.Fatalf("%s lacks the markers %q and %q", protocolFile, proofDocBegin, proofDocEnd)
+	}
+	return doc, begin, end
 }
 
 type signerFunc func([]byte) []byte
