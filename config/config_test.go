@@ -199,6 +199,8 @@ func TestSidecarConfigRejects(t *testing.T) {
 		{"unmatched unknown", sidecarBase + "  unmatched: drop\n", `config: sidecar.unmatched: unknown policy "drop" (want pass or deny) (line 3)`},
 		{"unmatched empty", sidecarBase + "  unmatched: \"\"\n", `config: sidecar.unmatched: unknown policy ""`},
 
+		{"sender_auth on a static key", sidecarBase + "  static_keys: {demo: keys/demo.group}\n  protect:\n    - {topics: [\"a/#\"], group: demo, sender_auth: true}\n",
+			`config: sidecar.protect[0].sender_auth: group "demo" has a static key, and sender authentication needs a key server: only a key server certifies which member signs as which sender; run the group on a key server with keyserver.groups[].sender_auth: true (line 5)`},
 		{"static key file missing", sidecarBase + "  static_keys: {demo: keys/nope.group}\n", "config: sidecar.static_keys.demo: stat "},
 		{"static key path empty", sidecarBase + "  static_keys: {demo: \"\"}\n", `config: sidecar.static_keys.demo: empty path; want the key file of group "demo"`},
 		{"static key group name bad", sidecarBase + "  static_keys: {\"bad\\tname\": keys/demo.group}\n",

@@ -121,6 +121,12 @@ type KeyserverLink struct {
 type ProtectRule struct {
 	Topics []string `yaml:"topics"` // MQTT topic filters
 	Group  string   `yaml:"group"`
+	// SenderAuth requires the group to be a sender_auth group: the sidecar
+	// then accepts only envelopes proved by a member the key server
+	// certified, and seals nothing for the group until it may prove its
+	// own, whatever the key server says (default false: as the key server
+	// says).
+	SenderAuth bool `yaml:"sender_auth"`
 }
 
 // Unmatched is the policy for topics that no protect rule covers.
@@ -321,9 +327,13 @@ func (s *Sidecar) validate(v *validator) {
 			v.errorf(key+".group", "%w", err)
 			continue
 		}
-		if _, static := s.StaticKeys[r.Group]; !static && s.Keyserver == nil {
+		_, static := s.StaticKeys[r.Group]
+		if !static && s.Keyserver == nil {
 			v.errorf(key+".group", "group %q has no key: add %s or a sidecar.keyserver section",
 				r.Group, joinPath("sidecar.static_keys", r.Group))
+		}
+		if static && r.SenderAuth {
+			v.errorf(key+".sender_auth", "group %q has a static key, and sender authentication needs a key server: only a key server certifies which member signs as which sender; run the group on a key server with keyserver.groups[].sender_auth: true", r.Group)
 		}
 	}
 

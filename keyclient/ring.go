@@ -45,6 +45,7 @@ type Ring struct {
 
 	// sender_auth (senders.go)
 	senderAuth map[string]bool    // groups whose envelopes carry batch proofs
+	required   map[string]bool    // groups the configuration requires to be sender_auth
 	rosters    map[string]*roster // group -> installed roster
 	signer     ProofSigner        // this process's identity
 
@@ -62,6 +63,7 @@ func NewRing() *Ring {
 		now:     time.Now,
 
 		senderAuth: make(map[string]bool),
+		required:   make(map[string]bool),
 		rosters:    make(map[string]*roster),
 	}
 }
@@ -197,7 +199,9 @@ func (r *Ring) Forget(group string) {
 	defer r.mu.Unlock()
 	delete(r.keys, group)
 	delete(r.sealers, group)
-	delete(r.senderAuth, group)
+	if !r.required[group] {
+		delete(r.senderAuth, group)
+	}
 	delete(r.rosters, group)
 }
 

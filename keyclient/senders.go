@@ -4,6 +4,8 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+
+	"github.com/smqtt/smqtt/envelope"
 )
 
 // ErrNoRoster means a sender_auth group has no roster installed yet: the
@@ -12,9 +14,7 @@ var ErrNoRoster = errors.New("no sender roster")
 
 // ProofSigner signs batch proofs (envelope.ProveBatch); a gkd.Identity is
 // one.
-type ProofSigner interface {
-	Sign(msg []byte) []byte
-}
+type ProofSigner = envelope.ProofSigner
 
 // roster is one installed version of a group's sender roster.
 type roster struct {
@@ -37,11 +37,22 @@ func (r *Ring) SetProofSigner(s ProofSigner) {
 func (r *Ring) SetSenderAuth(group string, on bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !on {
+	if !on && !r.required[group] {
 		delete(r.senderAuth, group)
 		delete(r.rosters, group)
 		return
 	}
+	r.senderAuth[group] = true
+}
+
+// RequireSenderAuth makes a group a sender_auth group whatever its
+// JoinResponse says (config sidecar.protect[].sender_auth): against a key
+// server that does not run it so, the group seals nothing (no roster comes)
+// and opens nothing unproved, instead of silently going without.
+func (r *Ring) RequireSenderAuth(group string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.required[group] = true
 	r.senderAuth[group] = true
 }
 
@@ -52,6 +63,14 @@ func (r *Ring) SenderAuth(group string) bool {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	return r.senderAuth[group]
+}
+
+// AnySenderAuth reports whether any group of the ring requires sender
+// authentication (the data plane then leaves room for proofs).
+func (r *Ring) AnySenderAuth() bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return len(r.senderAuth) > 0
 }
 
 // InstallRoster replaces a sender_auth group's roster with version, mapping

@@ -131,7 +131,7 @@ func (sc *Sidecar) judge(m paho.Message) delivery {
 		sc.mInPlain.Inc()
 		return d
 	}
-	h, plain, err := sc.opener.Open(nil, group, d.topic, m.Payload())
+	h, plain, err := sc.openEnvelope(nil, group, d.topic, m.Payload())
 	if err != nil {
 		reason := envelope.Reason(err)
 		if errors.Is(err, envelope.ErrNoKey) {

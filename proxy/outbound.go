@@ -56,7 +56,7 @@ func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []b
 		}
 		return m, nil
 	}
-	sealer, err := sc.keys.Sealer(group)
+	sealer, err := sc.sealerFor(group)
 	if err != nil && qos > 0 && sc.opts.NoKeyWait > 0 {
 		sealer, err = sc.waitSealer(group)
 	}
@@ -70,7 +70,7 @@ func (sc *Sidecar) sealOutbound(topic string, qos byte, retain bool, payload []b
 		flags |= envelope.FlagRetain
 	}
 	buf := sealedPool.Get().(*[]byte)
-	sealed, _, err := sealer.Seal((*buf)[:0], topic, flags, payload)
+	sealed, err := sc.sealAlone((*buf)[:0], sealer, topic, flags, payload)
 	if err != nil {
 		sealedPool.Put(buf)
 		sc.metrics.drop("out", DropNoKey)
@@ -100,7 +100,7 @@ func (m *outboundMessage) release() {
 func (sc *Sidecar) waitSealer(group string) (*envelope.Sealer, error) {
 	deadline := time.Now().Add(sc.opts.NoKeyWait)
 	for {
-		s, err := sc.keys.Sealer(group)
+		s, err := sc.sealerFor(group)
 		if err == nil || time.Now().After(deadline) {
 			return s, err
 		}
@@ -196,16 +196,16 @@ func (sc *Sidecar) resealIfRetired(topic string, payload []byte) []byte {
 	if !ok || time.Now().Before(until) {
 		return payload
 	}
-	sealer, err := sc.keys.Sealer(group)
+	sealer, err := sc.sealerFor(group)
 	if err != nil || sealer.Epoch() == h.Epoch {
 		return payload
 	}
-	_, plain, err := sc.opener.Open(nil, group, topic, payload)
+	_, plain, err := sc.openEnvelope(nil, group, topic, payload)
 	if err != nil {
 		sc.log.Warn("a queued message's epoch is retired and it no longer opens; sending it as sealed", "topic", topic, "epoch", h.Epoch, "error", err)
 		return payload
 	}
-	resealed, _, err := sealer.Seal(make([]byte, 0, len(payload)), topic, h.Flags, plain)
+	resealed, err := sc.sealAlone(make([]byte, 0, len(payload)), sealer, topic, h.Flags, plain)
 	if err != nil {
 		return payload
 	}

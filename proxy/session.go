@@ -237,6 +237,7 @@ type appConn struct {
 	sealBuf    []byte
 	plainBuf   []byte
 	outBuf     []byte
+	batch      proofBatch // sender_auth: sealed publishes waiting for their proof
 
 	// inbound (upstream's reader)
 	inAliases map[uint16]string
@@ -442,7 +443,7 @@ func (a *appConn) upstreamConnect(cp *appConnect) (*appConnect, byte, error) {
 		up.props = withoutProps(nil, cp.props, func(id byte) bool { return id == propTopicAliasMaximum })
 		if v, ok := propU32(cp.props, propMaximumPacketSize); ok {
 			a.appMaxPacket = v
-			up.props = setU32Prop(up.props, propMaximumPacketSize, uint32(min(uint64(v)+sealGrowthMax, 1<<32-1)))
+			up.props = setU32Prop(up.props, propMaximumPacketSize, uint32(min(uint64(v)+uint64(a.sc.sealGrowth()), 1<<32-1)))
 		}
 		a.expiry, _ = propU32(cp.props, propSessionExpiry)
 	} else if !cp.clean() {
@@ -469,7 +470,7 @@ func (a *appConn) sealWill(up *appConnect) (byte, error) {
 		}
 		return 0, nil
 	}
-	sealer, err := a.sc.keys.Sealer(group)
+	sealer, err := a.sc.sealerFor(group)
 	if err != nil && a.sc.opts.NoKeyWait > 0 {
 		sealer, err = a.sc.waitSealer(group)
 	}
@@ -488,7 +489,7 @@ func (a *appConn) sealWill(up *appConnect) (byte, error) {
 		flags |= envelope.FlagProps
 		plain = envelope.AppendProps(nil, inner, up.willPayload)
 	}
-	sealed, _, err := sealer.Seal(nil, topic, flags, plain)
+	sealed, err := a.sc.sealAlone(nil, sealer, topic, flags, plain)
 	if err != nil {
 		return codeServerUnavailable, fmt.Errorf("seal the Will on %q: %w", topic, err)
 	}
@@ -556,7 +557,7 @@ func (a *appConn) begin(cp, up *appConnect, ack *appConnack) {
 		}
 		if v, ok := propU32(ack.props, propMaximumPacketSize); ok {
 			a.upMaxPacket = v
-			a.toldMax = uint32(max(int64(v)-sealGrowthMax, 1))
+			a.toldMax = uint32(max(int64(v)-a.sc.sealGrowth(), 1))
 			ack.props = setU32Prop(ack.props, propMaximumPacketSize, a.toldMax)
 		}
 		if v, ok := findProp(ack.props, propTopicAliasMaximum); ok && len(v) == 2 {

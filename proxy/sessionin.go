@@ -171,7 +171,7 @@ func (a *appConn) inPublish(first byte, body []byte) error {
 // returns the mark to commit once the app has it (marked false for a
 // retained value, which has none), or the reason to drop it.
 func (a *appConn) openIn(p *publishPacket, group string) (mark sessionMark, marked bool, reason string) {
-	h, plain, err := a.sc.opener.Open(a.openBuf[:0], group, p.topic, p.payload)
+	h, plain, err := a.sc.openEnvelope(a.openBuf[:0], group, p.topic, p.payload)
 	if err != nil {
 		reason = envelope.Reason(err)
 		if errors.Is(err, envelope.ErrNoKey) {

@@ -8,6 +8,9 @@ package proxy
 //     passes, or is refused with unmatched: deny), seal under the group's
 //     current key with the confidential MQTT 5 properties inside, check the
 //     broker's maximum packet size, write upstream with the app's packet id.
+//     In a sender_auth group the sealed publish joins a batch, proved with
+//     one signature and written once no further packet of the app is
+//     already read (senderauth.go).
 //     The broker's PUBACK/PUBREC/PUBCOMP come back to the app unchanged
 //     (sessionin.go): the app's publish is acknowledged when upstream has it.
 //  3. PUBACK or PUBREC of a delivery: mark the delivery in the session's
@@ -53,7 +56,11 @@ func (a *appConn) runOut() {
 			a.abort()
 			return
 		}
-		if err := a.outPacket(first, body); err != nil {
+		err = a.outPacket(first, body)
+		if err == nil && a.batchDue() {
+			err = a.flushBatch()
+		}
+		if err != nil {
 			if !errors.Is(err, errConnClosed) {
 				a.sc.log.Debug("ending a local session", "client", a.appID, "error", err)
 			}
@@ -67,6 +74,12 @@ func (a *appConn) runOut() {
 }
 
 func (a *appConn) outPacket(first byte, body []byte) error {
+	if first>>4 != typePublish {
+		// Every other packet goes after the batch before it.
+		if err := a.flushBatch(); err != nil {
+			return err
+		}
+	}
 	switch first >> 4 {
 	case typePublish:
 		return a.outPublish(first, body)
@@ -177,6 +190,12 @@ func (a *appConn) outPublish(first byte, body []byte) error {
 		return fmt.Errorf("%w: PUBLISH without a topic", errMalformed)
 	}
 	group, protected := a.sc.policy.Group(p.topic)
+	if !protected || a.batch.n > 0 && a.batch.group != group {
+		// What is not for the batch goes after it.
+		if err := a.flushBatch(); err != nil {
+			return err
+		}
+	}
 	if !protected {
 		if a.sc.deny.Load() {
 			a.sc.metrics.drop("out", DropDenied)
@@ -187,7 +206,7 @@ func (a *appConn) outPublish(first byte, body []byte) error {
 		}
 		return a.writeUp(&p, raw, false)
 	}
-	sealer, err := a.sc.keys.Sealer(group)
+	sealer, err := a.sc.sealerFor(group)
 	if err != nil && p.qos() > 0 && a.sc.opts.NoKeyWait > 0 {
 		sealer, err = a.sc.waitSealer(group)
 	}
@@ -216,6 +235,16 @@ func (a *appConn) outPublish(first byte, body []byte) error {
 			a.plainBuf = envelope.AppendProps(a.plainBuf[:0], inner, p.payload)
 			plain = a.plainBuf
 		}
+	}
+	if a.sc.keys.SenderAuth(group) {
+		if err := a.batchPublish(&p, group, sealer, flags, plain); err != nil {
+			a.sc.metrics.drop("out", DropNoKey)
+			return err
+		}
+		return nil
+	}
+	if err := a.flushBatch(); err != nil {
+		return err
 	}
 	a.sealBuf, _, err = sealer.Seal(a.sealBuf[:0], p.topic, flags, plain)
 	if err != nil {

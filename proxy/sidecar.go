@@ -30,6 +30,14 @@ type Keys interface {
 	// error when there is none (the message is then not sent at all).
 	Sealer(group string) (*envelope.Sealer, error)
 	envelope.KeyLookup
+
+	// Sender authentication (senderauth.go): whether a group's envelopes
+	// carry proofs, what signs this process's, whether any group needs
+	// them, and the key that signs for each sender (the group's roster).
+	SenderAuth(group string) bool
+	ProofSigner(group string) (envelope.ProofSigner, error)
+	AnySenderAuth() bool
+	envelope.SenderKeys
 }
 
 // Mode is how a sidecar relays its apps to upstream.
@@ -79,6 +87,7 @@ type Sidecar struct {
 	deny   atomic.Bool
 	keys   Keys
 	opener *envelope.Opener
+	proofs *envelope.ProofChecker
 	server *mqtt.Server // bridge mode
 	bridge *bridge      // bridge mode
 	relay  *relay       // session mode
@@ -177,6 +186,7 @@ func New(opts Options) (*Sidecar, error) {
 		policy:    policy,
 		keys:      opts.Keys,
 		opener:    envelope.NewOpener(opts.Keys, 4096),
+		proofs:    envelope.NewProofChecker(opts.Keys, 0),
 		queue:     q,
 		state:     st,
 		kept:      st.kept,

@@ -139,6 +139,21 @@ func (g *growingReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// packetBuffered reports whether a whole MQTT packet is in the buffer
+// already, so that reading it does not wait.
+func (g *growingReader) packetBuffered() bool {
+	b := g.buf[g.i:g.n]
+	n, mul := 0, 1
+	for k := 1; k < len(b) && k <= 4; k++ {
+		n += int(b[k]&0x7f) * mul
+		if b[k]&0x80 == 0 {
+			return len(b) >= 1+k+n
+		}
+		mul *= 128
+	}
+	return false
+}
+
 // batchedConn is a net.Conn with a read buffer and a writer goroutine that
 // hands everything written since its last system call to the socket in the
 // next one. Write copies and returns; a failed socket write is returned by
@@ -191,6 +206,13 @@ func newBatchedConn(c net.Conn, readBuffer int, timeout time.Duration) *batchedC
 	b.drained.L = &b.mu
 	go b.writeLoop()
 	return b
+}
+
+// packetBuffered reports whether a whole MQTT packet can be read without
+// waiting (only for a connection with a growing read buffer).
+func (b *batchedConn) packetBuffered() bool {
+	g, ok := b.r.(*growingReader)
+	return ok && g.packetBuffered()
 }
 
 func (b *batchedConn) Read(p []byte) (int, error) {

@@ -136,11 +136,21 @@ func reloadSidecar(path string, running *config.Sidecar, sc *proxy.Sidecar, opts
 		// names the new groups as the rules do.
 		kc.AddGroups(keyServerGroups(cfg)...)
 	}
+	rules := protectRules(cfg, ring)
+	return sc.SetRules(rules, cfg.Unmatched == config.UnmatchedDeny)
+}
+
+// protectRules turns the protect rules into the proxy's, and has the ring
+// require sender authentication for the groups whose rules ask for it.
+func protectRules(cfg *config.Sidecar, ring *keyclient.Ring) []proxy.Rule {
 	var rules []proxy.Rule
 	for _, r := range cfg.Protect {
 		rules = append(rules, proxy.Rule{Filters: r.Topics, Group: r.Group})
+		if r.SenderAuth {
+			ring.RequireSenderAuth(r.Group)
+		}
 	}
-	return sc.SetRules(rules, cfg.Unmatched == config.UnmatchedDeny)
+	return rules
 }
 
 // restartOnly is the part of a sidecar configuration that a reload cannot
@@ -175,10 +185,7 @@ func sidecarOptions(cfg *config.Sidecar, log *slog.Logger, reg prometheus.Regist
 			return proxy.Options{}, fmt.Errorf("sidecar.static_keys.%s: %w", group, err)
 		}
 	}
-	var rules []proxy.Rule
-	for _, r := range cfg.Protect {
-		rules = append(rules, proxy.Rule{Filters: r.Topics, Group: r.Group})
-	}
+	rules := protectRules(cfg, ring)
 	sync, err := queue.ParseSync(string(cfg.Queue.Sync))
 	if err != nil {
 		return proxy.Options{}, fmt.Errorf("sidecar.queue.sync: %w", err)
