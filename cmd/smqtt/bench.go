@@ -33,7 +33,8 @@ Drives real MQTT clients through each topology and prints a table, then one
 broker run in this process, so CPU and RSS are the whole process's.
 Topologies: direct (apps on the upstream broker), passthrough (two sidecars,
 nothing protected), protected (two sidecars, every benchmark topic sealed
-under a static group key), chain (apps publish on --chain-pub and subscribe
+under a static group key), signed (protected, in a sender_auth group: batch
+proofs made and checked), chain (apps publish on --chain-pub and subscribe
 on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	topologies := strings.Join([]string{bench.Direct, bench.Passthrough, bench.Protected}, ",")
 	fs.StringVar(&topologies, "topologies", topologies, "comma-separated: "+strings.Join(bench.Topologies, ", "))
@@ -48,6 +49,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	subscribers := fs.Int("subscribers", 1, "subscribing apps, each gets every message (fan-out)")
 	keepSession := fs.Bool("keep-session", false, "subscribers ask for a persistent session (clean session 0), which a sidecar keeps on disk")
 	rate := fs.Float64("rate", 0, "messages per second per publisher (0: as fast as the path takes)")
+	spread := fs.Int("spread", 1, "each publisher cycles over this many topics and subscribers take one (with signed: the worst case of batch proofs, one check per message)")
 	window := fs.Int("window", 1000, "publishes not yet acknowledged, per publisher")
 	timeout := fs.Duration("timeout", 60*time.Second, "each scenario stops after this long")
 	name := fs.String("name", "", "prefix of the scenario names (e.g. the upstream's name)")
@@ -86,6 +88,8 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 		return fmt.Errorf("--subscribers: %d must be at least 1", *subscribers)
 	case *rate < 0:
 		return fmt.Errorf("--rate: %g is negative", *rate)
+	case *spread < 1 || *spread > *messages:
+		return fmt.Errorf("--spread: %d is not between 1 and --messages", *spread)
 	case *window < 1:
 		return fmt.Errorf("--window: %d must be at least 1", *window)
 	case *timeout <= 0:
@@ -106,7 +110,7 @@ on --chain-sub, e.g. the two ends of a Mosquitto bridge chain).`, stderr)
 	rs, err := bench.Suite(ctx, bench.Options{
 		Name: *name, UpstreamURL: *upstream, ChainPub: *chainPub, ChainSub: *chainSub,
 		QoS: byte(*qos), Size: *size, Messages: *messages, Publishers: *publishers, Subscribers: *subscribers, KeepSession: *keepSession,
-		Rate: *rate, Window: *window, Timeout: *timeout, TopicRoot: *topicRoot, Mode: proxy.Mode(*mode), Progress: stderr, Logger: log,
+		Rate: *rate, Spread: *spread, Window: *window, Timeout: *timeout, TopicRoot: *topicRoot, Mode: proxy.Mode(*mode), Progress: stderr, Logger: log,
 	}, topos, nil)
 	if !*jsonOnly && len(rs) > 0 {
 		if werr := bench.WriteTable(stdout, rs); werr != nil {

@@ -7,6 +7,9 @@
 //	direct       apps ──▶ upstream broker ──▶ apps           (the baseline)
 //	passthrough  apps ──▶ sidecar ──▶ upstream ──▶ sidecar ──▶ apps, nothing protected
 //	protected    the same, every benchmark topic sealed under a static group key
+//	signed       protected, and the group is sender_auth: the publishing
+//	             sidecar proves what it seals (batch proofs), the
+//	             subscribing one checks every proof
 //	chain        apps ──▶ broker A ──▶ … ──▶ broker B ──▶ apps, any brokers
 //	             the caller set up (e.g. a Mosquitto bridge chain)
 //
@@ -32,6 +35,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
@@ -39,6 +43,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -62,11 +67,12 @@ const (
 	Direct      = "direct"
 	Passthrough = "passthrough"
 	Protected   = "protected"
+	Signed      = "signed"
 	Chain       = "chain"
 )
 
 // Topologies lists every topology name.
-var Topologies = []string{Direct, Passthrough, Protected, Chain}
+var Topologies = []string{Direct, Passthrough, Protected, Signed, Chain}
 
 // HeaderLen is the smallest payload: publisher (4 bytes), sequence (8),
 // send time (8).
@@ -92,6 +98,11 @@ type Options struct {
 	Subscribers int     // each gets every message (default 1)
 	KeepSession bool    // subscribers ask for a persistent session (clean session 0)
 	Rate        float64 // messages per second per publisher; 0: as fast as the path takes
+	// Spread makes each publisher cycle over this many topics, of which
+	// the subscribers take one (default 1: every message): with Signed, a
+	// subscriber then sees one envelope of each batch, the worst case of
+	// batch proofs (one signature check per message).
+	Spread int
 	// TopicRoot is the first level of every benchmark topic (default
 	// "bench"): scenarios sharing a broker with other traffic (a bridge
 	// that carries one root) keep apart by it.
@@ -118,7 +129,7 @@ func (o *Options) defaults() error {
 	}
 	if o.Name == "" {
 		o.Name = o.Topology
-		if o.Mode == proxy.ModeBridge && (o.Topology == Passthrough || o.Topology == Protected) {
+		if o.Mode == proxy.ModeBridge && sidecars(o.Topology) {
 			o.Name += "-bridge"
 		}
 	}
@@ -136,6 +147,9 @@ func (o *Options) defaults() error {
 	}
 	if o.Window == 0 {
 		o.Window = 1000
+	}
+	if o.Spread == 0 {
+		o.Spread = 1
 	}
 	if o.TopicRoot == "" {
 		o.TopicRoot = "bench"
@@ -164,6 +178,8 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("%w: messages, publishers, subscribers and window must be positive", ErrOptions)
 	case o.Rate < 0:
 		return fmt.Errorf("%w: rate %g is negative", ErrOptions, o.Rate)
+	case o.Spread < 1 || o.Spread > o.Messages:
+		return fmt.Errorf("%w: spread %d is not between 1 and the messages per publisher", ErrOptions, o.Spread)
 	case o.Mode != proxy.ModeSession && o.Mode != proxy.ModeBridge:
 		return fmt.Errorf("%w: mode %q is not session or bridge", ErrOptions, o.Mode)
 	case strings.ContainsAny(o.TopicRoot, "/+#\x00"):
@@ -267,7 +283,7 @@ func (s *scenario) setup(ctx context.Context) error {
 		s.pubURL, s.subURL = o.UpstreamURL, o.UpstreamURL
 	case Chain:
 		s.pubURL, s.subURL = o.ChainPub, o.ChainSub
-	case Passthrough, Protected:
+	case Passthrough, Protected, Signed:
 		if err := s.startSidecars(ctx); err != nil {
 			return err
 		}
@@ -301,14 +317,24 @@ func (s *scenario) startSidecars(ctx context.Context) error {
 	}
 	var key envelope.GroupKey
 	rand.Read(key[:])
+	var rings []*keyclient.Ring
+	signers := map[*keyclient.Ring]ed25519.PublicKey{}
 	for _, side := range []string{"pub", "sub"} {
 		ring := keyclient.NewRing()
+		rings = append(rings, ring)
 		var rules []proxy.Rule
-		if o.Topology == Protected {
+		if o.Topology == Protected || o.Topology == Signed {
 			if err := ring.AddStatic(Group, key); err != nil {
 				return err
 			}
 			rules = []proxy.Rule{{Filters: []string{s.prefix + "/#"}, Group: Group}}
+		}
+		if o.Topology == Signed {
+			pub, err := signWith(ring)
+			if err != nil {
+				return err
+			}
+			signers[ring] = pub
 		}
 		sc, url, err := startSidecar(ctx, o.Mode, o.UpstreamURL, "bench-"+s.run+"-sidecar-"+side, filepath.Join(dir, s.run+"-"+side), rules, ring, o.Logger)
 		if sc != nil {
@@ -321,6 +347,50 @@ func (s *scenario) startSidecars(ctx context.Context) error {
 			s.pubURL = url
 		} else {
 			s.subURL = url
+		}
+	}
+	if o.Topology == Signed {
+		return installRoster(signers)
+	}
+	return nil
+}
+
+// sidecars reports whether a topology runs sidecars.
+func sidecars(topology string) bool {
+	return topology == Passthrough || topology == Protected || topology == Signed
+}
+
+// ringSigner is a ring's signing key, as a key server would certify it.
+type ringSigner ed25519.PrivateKey
+
+func (k ringSigner) Sign(m []byte) []byte { return ed25519.Sign(ed25519.PrivateKey(k), m) }
+
+// signWith makes Group a sender_auth group in ring, signed by a new key
+// whose public half it returns.
+func signWith(ring *keyclient.Ring) (ed25519.PublicKey, error) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	ring.SetSenderAuth(Group, true)
+	ring.SetProofSigner(ringSigner(priv))
+	return pub, nil
+}
+
+// installRoster certifies, in every ring, each ring's sender id with its
+// signing key, as a key server's Roster does.
+func installRoster(signers map[*keyclient.Ring]ed25519.PublicKey) error {
+	keys := map[uint64]ed25519.PublicKey{}
+	for ring, pub := range signers {
+		s, err := ring.Sealer(Group)
+		if err != nil {
+			return err
+		}
+		keys[s.Sender()] = pub
+	}
+	for ring := range signers {
+		if err := ring.InstallRoster(Group, 1, keys); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -400,7 +470,7 @@ func (s *scenario) measure(ctx context.Context) Result {
 	pubDone := make(chan struct{})
 	go func() { wg.Wait(); close(pubDone) }()
 
-	expected := o.Publishers * o.Messages
+	expected := o.Publishers * spreadShare(o.Messages, o.Spread)
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	lastProgress := time.Now()
@@ -420,7 +490,7 @@ loop:
 			for _, n := range sent {
 				total += n
 			}
-			expected = total
+			expected = spreadShare(total, o.Spread)
 		case <-tick.C:
 		}
 		complete, last := true, publishedAt
@@ -438,7 +508,7 @@ loop:
 		}
 		if o.Progress != nil && time.Since(lastProgress) >= time.Second {
 			lastProgress = time.Now()
-			fmt.Fprintf(o.Progress, "bench %s: received %d of %d\n", o.Name, got, o.Publishers*o.Messages*o.Subscribers)
+			fmt.Fprintf(o.Progress, "bench %s: received %d of %d\n", o.Name, got, o.Publishers*spreadShare(o.Messages, o.Spread)*o.Subscribers)
 		}
 	}
 	cancel()
@@ -464,7 +534,7 @@ loop:
 			last = t.last
 		}
 	}
-	r.Lost = max(r.Sent*o.Subscribers-r.Received, 0)
+	r.Lost = max(spreadShare(r.Sent, o.Spread)*o.Subscribers-r.Received, 0)
 	if d := last.Sub(first).Seconds(); r.Received > 1 && d > 0 {
 		r.MsgsPerS = float64(r.Received-1) / d
 		r.DurationS = d
@@ -503,6 +573,13 @@ func (s *scenario) close() {
 // are outstanding: when the window is full it waits for the oldest.
 func publish(ctx context.Context, c paho.Client, id int, prefix string, o Options) int {
 	topic := fmt.Sprintf("%s/p%d", prefix, id)
+	topics := []string{topic}
+	if o.Spread > 1 {
+		topics = make([]string, o.Spread)
+		for i := range topics {
+			topics[i] = fmt.Sprintf("%s/%d", topic, i)
+		}
+	}
 	window := make([]paho.Token, o.Window) // a ring: the oldest at seq % len
 	sent := 0
 	wait := func(t paho.Token) bool {
@@ -535,7 +612,7 @@ func publish(ctx context.Context, c paho.Client, id int, prefix string, o Option
 		if !wait(*slot) || ctx.Err() != nil {
 			return sent
 		}
-		*slot = c.Publish(topic, o.QoS, false, payload(id, uint64(seq), o.Size))
+		*slot = c.Publish(topics[seq%len(topics)], o.QoS, false, payload(id, uint64(seq), o.Size))
 	}
 	for i := range len(window) {
 		if !wait(window[(o.Messages+i)%len(window)]) {
@@ -556,6 +633,11 @@ func payload(pub int, seq uint64, size int) []byte {
 	binary.BigEndian.PutUint64(p[12:20], uint64(time.Since(clock)))
 	return p
 }
+
+// spreadShare is how many of n messages spread over spread topics a
+// subscriber to one of them gets (sequence numbers 0, spread, 2·spread …).
+// With several publishers it is exact per publisher; summed it is close.
+func spreadShare(n, spread int) int { return (n + spread - 1) / spread }
 
 // tally is what one subscriber saw.
 type tally struct {
@@ -596,10 +678,15 @@ func newSubscriber(url, id, prefix string, o Options) (*subscriber, error) {
 		return nil, err
 	}
 	s.client = c
-	tok := c.Subscribe(prefix+"/#", o.QoS, nil)
+	filters := map[string]byte{prefix + "/#": o.QoS}
+	if o.Spread > 1 {
+		// One topic of each publisher's spread, and the probe.
+		filters = map[string]byte{prefix + "/+/0": o.QoS, probeTopic: o.QoS}
+	}
+	tok := c.SubscribeMultiple(filters, nil)
 	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		c.Disconnect(0)
-		return nil, fmt.Errorf("subscribe %s/# at %s: %v", prefix, url, tok.Error())
+		return nil, fmt.Errorf("subscribe %v at %s: %v", slices.Collect(maps.Keys(filters)), url, tok.Error())
 	}
 	return s, nil
 }
