@@ -72,11 +72,7 @@ func TestSuiteDeliversEveryMessageOnceOnEachTopology(t *testing.T) {
 // With a spread, a subscriber gets exactly the publisher's messages on the
 // one topic it took: one in spread, none counted lost.
 func TestSpreadDeliversOneTopicOfEach(t *testing.T) {
-	up, err := embedded.Start(embedded.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
+	up := startEmbedded(t)
 	r, err := Run(context.Background(), Options{
 		Topology: Signed, UpstreamURL: up.URL(), QoS: 1, Size: 64, Messages: 400, Spread: 8, Timeout: 20 * time.Second, Dir: t.TempDir(),
 	})
@@ -271,11 +267,7 @@ func BenchmarkSenderAuth(b *testing.B) {
 // scenario puts on the broker is under it, so that a bridge carrying
 // another root (the Mosquitto comparison's chain) never carries it.
 func TestTopicRootNamesEveryTopic(t *testing.T) {
-	up, err := embedded.Start(embedded.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
+	up := startEmbedded(t)
 	r, err := Run(context.Background(), Options{Topology: Protected, UpstreamURL: up.URL(), QoS: 1, Messages: 200, TopicRoot: "elsewhere", Timeout: 20 * time.Second, Dir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -299,11 +291,7 @@ func TestTopicRootNamesEveryTopic(t *testing.T) {
 // TestIdleCountsEveryConnection: idle connections, subscribed, to an
 // embedded broker in this process; the RSS readings are this process's.
 func TestIdleCountsEveryConnection(t *testing.T) {
-	up, err := embedded.Start(embedded.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
+	up := startEmbedded(t)
 	rs, err := Idle(context.Background(), IdleOptions{
 		URL: up.URL(), Connections: 40, PIDs: []int{os.Getpid()}, Subscribe: true, Settle: 10 * time.Millisecond,
 	})
@@ -329,4 +317,15 @@ func TestIdleCountsEveryConnection(t *testing.T) {
 	if _, err := Idle(context.Background(), IdleOptions{URL: up.URL(), Connections: 1}); !errors.Is(err, ErrOptions) {
 		t.Errorf("Idle without a pid: %v, want ErrOptions", err)
 	}
+}
+
+// startEmbedded starts an embedded broker for one test.
+func startEmbedded(t testing.TB) *embedded.Broker {
+	t.Helper()
+	up, err := embedded.Start(embedded.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	return up
 }
