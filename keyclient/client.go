@@ -113,6 +113,13 @@ type groupState struct {
 
 	slot *slotState // slotted groups only
 
+	// sender_auth groups (roster.go): set by the last JoinResponse, with the
+	// roster version it named; the roster being collected
+	senderAuth     bool
+	rosterMin      uint64
+	rosterParts    rosterParts
+	rostersIgnored int
+
 	joinLatency time.Duration
 }
 
@@ -144,6 +151,7 @@ func NewClient(o ClientOptions) (*Client, error) {
 		done:   make(chan struct{}),
 	}
 	c.cond = sync.NewCond(&c.mu)
+	o.Ring.SetProofSigner(o.Identity) // what signs this process's envelopes in sender_auth groups
 	if o.PolicyVersionFile != "" {
 		if b, err := os.ReadFile(o.PolicyVersionFile); err == nil {
 			c.policyV, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
@@ -239,7 +247,7 @@ func (c *Client) joinAll(lost chan struct{}) {
 			c.mu.Lock()
 			var todo []string
 			for g, st := range c.state {
-				if first || !st.joined && st.refused == "" {
+				if first || !c.readyLocked(g, st) && st.refused == "" {
 					todo = append(todo, g)
 				}
 			}
@@ -342,6 +350,8 @@ func (c *Client) onMessage(raw []byte) {
 		c.onHeartbeat(msg)
 	case gkd.TypeGroupRekey:
 		c.onGroupRekey(msg)
+	case gkd.TypeRoster:
+		c.onRoster(msg)
 	case gkd.TypeChallenge:
 		ch, err := gkd.ParseChallenge(msg.Body)
 		if err == nil {
@@ -403,6 +413,7 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 		return
 	}
 	st := c.state[group]
+	c.senderAuthLocked(st, group, r)
 	if r.Scheme == gkd.SchemeSlotted {
 		if !c.onSlotJoinLocked(st, group, msg, r, c.sentAt[r.RequestNonce]) {
 			return
@@ -473,7 +484,7 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 	st.refused = r.Reason
 	if st.joined {
 		// Revoked while holding keys: stop sealing at once.
-		st.joined = false
+		st.joined, st.senderAuth, st.rosterMin = false, false, 0
 		c.opts.Ring.Forget(group)
 	}
 	if st.slot != nil {
@@ -651,10 +662,11 @@ func (c *Client) onHeartbeat(msg *gkd.Message) {
 	if h.Epoch == st.epoch {
 		c.freshLocked(st, group)
 	}
-	if h.Epoch != st.epoch {
-		// A rekey this member never got (lost, or hidden by the broker):
-		// join again for the current key.
-		c.log.Warn("heartbeat names an epoch this sidecar lacks: rejoining", "group", group, "epoch", h.Epoch, "have", st.epoch)
+	if h.Epoch != st.epoch || c.rosterBehindLocked(st, group, h.Roster) {
+		// A rekey or a roster this member never got (lost, or hidden by the
+		// broker): join again for the current key and roster.
+		c.log.Warn("heartbeat names an epoch or roster this sidecar lacks: rejoining", "group", group,
+			"epoch", h.Epoch, "have", st.epoch, "roster", h.Roster, "sender_auth", st.senderAuth)
 		st.joined = false
 		go c.join(group)
 	}
@@ -730,7 +742,7 @@ func (c *Client) WaitJoined(ctx context.Context) error {
 			if st.refused != "" {
 				return fmt.Errorf("group %q: %w: %s", g, ErrRefused, st.refused)
 			}
-			all = all && st.joined
+			all = all && c.readyLocked(g, st)
 		}
 		if all {
 			return nil
@@ -749,7 +761,7 @@ func (c *Client) Status() []GroupStatus {
 	var out []GroupStatus
 	for _, g := range c.opts.Groups {
 		st := c.state[g]
-		out = append(out, GroupStatus{Group: g, Joined: st.joined, Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused, JoinLatency: st.joinLatency})
+		out = append(out, GroupStatus{Group: g, Joined: c.readyLocked(g, st), Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused, JoinLatency: st.joinLatency})
 	}
 	return out
 }

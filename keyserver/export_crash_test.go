@@ -29,6 +29,9 @@ func (s *Server) CrashLocked() {
 		for _, t := range g.suspended {
 			t.Stop()
 		}
+		if g.rosterTimer != nil {
+			g.rosterTimer.Stop()
+		}
 	}
 	c := s.client
 	s.client = nil

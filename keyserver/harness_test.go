@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
+
 	"github.com/smqtt/smqtt/envelope"
 	"github.com/smqtt/smqtt/internal/embedded"
 	"github.com/smqtt/smqtt/internal/fleet"
@@ -27,10 +29,11 @@ func newFleet(t *testing.T, scheme string, allowed []string, others ...string) *
 	return newFleetWith(t, fleet.Options{Scheme: scheme, Members: allowed, Others: others})
 }
 
-// newFleetWith starts an embedded broker and a fleet of o around it.
-func newFleetWith(t *testing.T, o fleet.Options) *testFleet {
+// newFleetWith starts an embedded broker (with hooks after its spy) and a
+// fleet of o around it.
+func newFleetWith(t *testing.T, o fleet.Options, hooks ...mqtt.Hook) *testFleet {
 	t.Helper()
-	up, err := embedded.Start(embedded.Options{})
+	up, err := embedded.Start(embedded.Options{Hooks: hooks})
 	must(t, err)
 	t.Cleanup(func() { up.Close() })
 	o.UpstreamURL, o.UpstreamAddr, o.Dir = up.URL(), up.Addr(), t.TempDir()

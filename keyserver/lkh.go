@@ -68,7 +68,9 @@ func (s *Server) rekeyLKHLocked(g *group) {
 	slices.Sort(leaves)
 
 	prevTree, prevEpoch, prevKey, prevJoined, prevNext := rec.Tree, rec.Epoch, rec.Key, maps.Clone(rec.Joined), rec.NextSender
+	prevRoster := g.rosterSnapshot()
 	rollback := func() {
+		g.restoreRoster(prevRoster)
 		if len(prevTree) > 0 {
 			tree.UnmarshalBinary(prevTree)
 		} else {
@@ -98,8 +100,7 @@ func (s *Server) rekeyLKHLocked(g *group) {
 		}
 	}
 	for _, p := range g.pending {
-		rec.put(p.m.name, &joinedMember{Sender: rec.NextSender, Since: time.Now()})
-		rec.NextSender++
+		rec.enter(p.m, time.Now(), time.Time{})
 	}
 	if rec.Tree, err = tree.MarshalBinary(); err != nil {
 		s.log.Error("encoding the key tree failed; group keeps its epoch", "group", g.cfg.Name, "error", err)
@@ -110,7 +111,8 @@ func (s *Server) rekeyLKHLocked(g *group) {
 	rec.Counter++
 	leaving := rec.Leaving
 	rec.Leaving = nil
-	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
+	// committed, and the new roster out, before the joiners' responses
+	if err := s.commitRosterLocked(g, true); err != nil {
 		s.log.Error("storing a rekey failed; group keeps its epoch", "group", g.cfg.Name, "error", err)
 		rec.Counter--
 		rec.Leaving = leaving

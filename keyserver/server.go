@@ -41,7 +41,10 @@ type GroupConfig struct {
 	SendGrace        time.Duration
 	ReceiveRetention time.Duration
 	Degree           int // lkh: the key tree's degree, default 4
-	MaxMessageSize   int // lkh: bound of one GroupRekey message, default 256 KiB
+	MaxMessageSize   int // bound of one GroupRekey (lkh) or Roster message, default 256 KiB
+	// SenderAuth: members sign what they seal; the key server tells them
+	// which member signs as which sender id in signed rosters (roster.go).
+	SenderAuth bool
 
 	// slotted (see slotted.go); zero values take the defaults.
 	Slot           time.Duration // slot length, whole milliseconds
@@ -131,6 +134,12 @@ type group struct {
 	expiry    *time.Timer            // slotted: the earliest end of a member's grant
 	suspended map[string]*time.Timer // Will received: leave unless the member answers
 	challenge map[string][16]byte
+
+	// sender_auth (roster.go): the roster of version rec.RosterVersion
+	// (valid once rosterSet), and the timer that drops retired senders
+	roster      []rosterItem
+	rosterSet   bool
+	rosterTimer *time.Timer
 }
 
 type pendingJoin struct {
@@ -180,6 +189,16 @@ func New(opts Options) (*Server, error) {
 	if err := s.configure(opts); err != nil {
 		st.close()
 		return nil, err
+	}
+	s.mu.Lock() // the roster's timers may fire from here on
+	defer s.mu.Unlock()
+	for _, g := range s.groups {
+		// A new version for what the store holds: whatever was broadcast
+		// before the restart, versions go on increasing from there.
+		if err := s.commitRosterLocked(g, false); err != nil {
+			st.close()
+			return nil, fmt.Errorf("keyserver: group %q: %w", g.cfg.Name, err)
+		}
 	}
 	return s, nil
 }
@@ -281,6 +300,9 @@ func (s *Server) Start() error {
 			}
 			s.mu.Lock()
 			s.publishPolicyLocked()
+			for _, g := range s.groups {
+				s.sendRosterLocked(g, nil)
+			}
 			s.mu.Unlock()
 		}).
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
@@ -342,6 +364,9 @@ func (s *Server) Close() error {
 		for _, t := range g.suspended {
 			t.Stop()
 		}
+		if g.rosterTimer != nil {
+			g.rosterTimer.Stop()
+		}
 	}
 	c := s.client
 	stop := s.stopBeat
@@ -389,6 +414,9 @@ func (s *Server) Reload(opts Options) error {
 		if revoked {
 			s.rekeyNowLocked(g)
 		}
+		// A revoked member's retired sender ids go at once too, and a group
+		// may have switched sender_auth on or off.
+		s.commitRosterLocked(g, false)
 	}
 	s.policyV++
 	s.store.putMeta(keyPolicy, beBytes(s.policyV))
@@ -545,14 +573,13 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 // sender id and the grant end until, and commits them before any answer.
 func (s *Server) admitLocked(g *group, m *member, until time.Time) (sender uint64, err error) {
 	rec := g.rec
-	sender = rec.NextSender
-	rec.NextSender++
-	jm := &joinedMember{Since: time.Now(), Sender: sender, Until: until}
+	since := time.Now()
 	if old := rec.Joined[m.name]; old != nil {
-		jm.Since = old.Since
+		since = old.Since
 	}
-	rec.put(m.name, jm)
-	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
+	sender = rec.enter(m, since, until)
+	// committed, and the others told of the new sender, before any answer
+	if err := s.commitRosterLocked(g, true); err != nil {
 		s.log.Error("storing a join failed; not answering", "group", g.cfg.Name, "member", m.name, "error", err)
 		return 0, err
 	}
@@ -643,7 +670,7 @@ func (s *Server) scheduleRekeyLocked(g *group) {
 		}
 		clear(g.leaving)
 		g.rec.Leaving = nil
-		s.store.saveGroup(g.cfg.Name, g.rec)
+		s.commitRosterLocked(g, true)
 		return
 	}
 	g.rekeyAt = time.AfterFunc(g.cfg.RekeyBatch, func() {
@@ -704,13 +731,14 @@ func (s *Server) rekeyNowLocked(g *group) {
 	newcomers := g.pending
 	g.pending = nil
 	for _, p := range newcomers {
-		rec.put(p.m.name, &joinedMember{Sender: rec.NextSender, Since: time.Now()})
-		rec.NextSender++
+		rec.enter(p.m, time.Now(), time.Time{})
 	}
 	rec.Epoch++
 	rec.Key = randomKey()
 	rec.Counter++
-	if err := s.store.saveGroup(g.cfg.Name, rec); err != nil {
+	// The new roster goes out before the joiners' responses and the rekey
+	// (which a revocation causes).
+	if err := s.commitRosterLocked(g, true); err != nil {
 		s.log.Error("storing a rekey failed; group keeps its epoch", "group", g.cfg.Name, "error", err)
 		rec.Epoch--
 		return
@@ -757,6 +785,10 @@ func (s *Server) sendJoinResponseExtLocked(g *group, m *member, nonce [16]byte, 
 	body := gkd.JoinResponse{
 		Group: g.id, RequestNonce: nonce, Scheme: schemeCode(g.cfg.Scheme),
 		Epoch: g.rec.Epoch, Sender: sender, Counter: g.rec.Counter, ActivateAt: activateAt, Ext: ext,
+		Roster: g.rosterVersion(),
+	}
+	if g.cfg.SenderAuth {
+		body.Flags = gkd.FlagSenderAuth
 	}
 	copy(body.Key[:], g.rec.Key)
 	if g.tree != nil {
@@ -776,6 +808,7 @@ func (s *Server) sendJoinResponseExtLocked(g *group, m *member, nonce [16]byte, 
 		return
 	}
 	s.sendLocked(gkd.MemberTopic(s.opts.TopicPrefix, m.id), msg)
+	s.sendRosterLocked(g, m) // the version the response names, right after it
 	s.m.joins.WithLabelValues(g.cfg.Name).Inc()
 	s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(g.rec.Joined)))
 	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(g.rec.Epoch))
@@ -810,7 +843,7 @@ func (s *Server) heartbeats() {
 				continue
 			}
 			s.sendLocked(gkd.GroupTopic(s.opts.TopicPrefix, g.id),
-				mustPlain(s.opts.Identity, [8]byte{}, gkd.TypeHeartbeat, gkd.Heartbeat{Group: g.id, Epoch: g.rec.Epoch, Counter: g.rec.Counter}))
+				mustPlain(s.opts.Identity, [8]byte{}, gkd.TypeHeartbeat, gkd.Heartbeat{Group: g.id, Epoch: g.rec.Epoch, Counter: g.rec.Counter, Roster: g.rosterVersion()}))
 		}
 		s.mu.Unlock()
 	}

@@ -202,7 +202,7 @@ func (s *Server) expireLocked(g *group, now time.Time) {
 		}
 	}
 	if expired > 0 {
-		if err := s.store.saveGroup(g.cfg.Name, g.rec); err != nil {
+		if err := s.commitRosterLocked(g, true); err != nil {
 			s.log.Error("storing an expiry failed", "group", g.cfg.Name, "error", err)
 		}
 		s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(g.rec.Joined)))

@@ -44,6 +44,10 @@ type groupRecord struct {
 	SlotDepth    int               `json:"slot_depth,omitempty"`
 	SlotRoots    map[uint32][]byte `json:"slot_roots,omitempty"`
 	RevokedUntil int64             `json:"revoked_until,omitempty"`
+	// A sender_auth group's roster (roster.go): its version, never reused,
+	// and the sender ids of members that left, listed until their Until.
+	RosterVersion uint64          `json:"roster_version,omitempty"`
+	Retired       []retiredSender `json:"retired,omitempty"`
 
 	// dirty names the members changed since the last commit: change
 	// Joined only through put and drop.
@@ -55,6 +59,16 @@ type groupRecord struct {
 func (rec *groupRecord) put(name string, jm *joinedMember) {
 	rec.Joined[name] = jm
 	rec.mark(name)
+}
+
+// enter makes m a joined member under a fresh sender id, recording the
+// identity the id is handed to, and returns the id.
+func (rec *groupRecord) enter(m *member, since, until time.Time) uint64 {
+	key := m.pk.SigningKey()
+	jm := &joinedMember{Sender: rec.NextSender, Since: since, Until: until, ID: slices.Clone(m.id[:]), SignKey: key[:]}
+	rec.NextSender++
+	rec.put(m.name, jm)
+	return jm.Sender
 }
 
 // drop removes a joined member.
@@ -75,6 +89,10 @@ type joinedMember struct {
 	Sender uint64    `json:"sender"`
 	Since  time.Time `json:"since"`
 	Until  time.Time `json:"until,omitzero"` // slotted: the end of its grant
+	// the identity Sender was handed to (its id and Ed25519 key): what a
+	// roster certifies for Sender, only while that identity is allowed
+	ID      []byte `json:"id,omitempty"`
+	SignKey []byte `json:"sign_key,omitempty"`
 }
 
 // store is the key server's bbolt database. Every change that a reply

@@ -110,9 +110,6 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 	}
 	var groups []keyserver.GroupConfig
 	for i, g := range cfg.Groups {
-		if g.SenderAuth {
-			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].sender_auth: per-sender signatures are not available in this build yet", i)
-		}
 		if g.Scheme == config.SchemeLKH && g.Degree > gkd.MaxLKHDegree {
 			return keyserver.Options{}, nil, fmt.Errorf("keyserver.groups[%d].degree: %d too large (want at most %d)", i, g.Degree, gkd.MaxLKHDegree)
 		}
@@ -121,6 +118,7 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 			RekeyBatch: g.RekeyBatch, RekeyLead: g.RekeyLead, SendGrace: g.SendGrace, ReceiveRetention: g.ReceiveRetention,
 			Degree: g.Degree, MaxMessageSize: int(g.MaxMessageSize),
 			Slot: g.Slot, SlotDepth: g.SlotDepth, MemberInterval: g.MemberInterval, SkewSlots: g.SkewSlots,
+			SenderAuth: g.SenderAuth,
 		})
 	}
 	upTLS, err := clientTLS(cfg.Upstream)

@@ -43,6 +43,10 @@ type Options struct {
 	// Slotted groups: zero values take the key server's defaults.
 	Slot, MemberInterval time.Duration
 	SkewSlots, SlotDepth int
+	// SenderAuth makes the group a sender_auth group; MaxMessageSize bounds
+	// its key-distribution messages (0: the key server's default).
+	SenderAuth     bool
+	MaxMessageSize int
 }
 
 // Fleet is a running key server and the identities of its members.
@@ -113,8 +117,8 @@ func New(o Options) (*Fleet, error) {
 		Groups: []keyserver.GroupConfig{{
 			Name: Group, Topics: []string{"secure/#"}, Scheme: o.Scheme, Members: o.Members,
 			RekeyBatch: o.RekeyBatch, RekeyLead: o.RekeyLead, SendGrace: o.SendGrace, ReceiveRetention: o.ReceiveRetention,
-			Degree: 4,
-			Slot:   o.Slot, MemberInterval: o.MemberInterval, SkewSlots: o.SkewSlots, SlotDepth: o.SlotDepth,
+			Degree: 4, MaxMessageSize: o.MaxMessageSize, SenderAuth: o.SenderAuth,
+			Slot: o.Slot, MemberInterval: o.MemberInterval, SkewSlots: o.SkewSlots, SlotDepth: o.SlotDepth,
 		}},
 		Heartbeat:  o.Heartbeat,
 		LeaveDelay: o.LeaveDelay,
