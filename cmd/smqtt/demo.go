@@ -21,9 +21,10 @@ import (
 )
 
 func runDemo(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("demo", "demo [--scheme static|update|slotted|lkh] [--clients N] [--keep]", stderr)
+	fs := newFlags("demo", "demo [--scheme static|update|slotted|lkh] [--clients N] [--sender-auth] [--keep]", stderr)
 	scheme := fs.String("scheme", "update", "group key scheme: static, update, slotted or lkh")
 	clients := fs.Int("clients", 2, "number of sidecars, each with one legacy app (2 to 50)")
+	senderAuth := fs.Bool("sender-auth", false, "run the group with sender_auth and add a member that forges the others' messages: none may be delivered")
 	keep := fs.Bool("keep", false, "keep running after the checks so you can point mosquitto_sub/mosquitto_pub at the printed addresses")
 	newLog := logFlags(fs, stderr, "error")
 	if err := parseFlags(fs, args); err != nil {
@@ -39,7 +40,7 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	if *clients < 2 || *clients > 50 {
 		return fmt.Errorf("--clients: %d is out of range (2 to 50)", *clients)
 	}
-	d := &demo{out: stdout, log: log, scheme: *scheme}
+	d := &demo{out: stdout, log: log, scheme: *scheme, senderAuth: *senderAuth}
 	defer d.cleanup()
 	if err := d.run(*clients); err != nil {
 		fmt.Fprintf(stdout, "\nVERDICT: FAIL — %s\n", err)
@@ -60,14 +61,17 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 }
 
 type demo struct {
-	out    io.Writer
-	log    *slog.Logger
-	scheme string
-	dir    string
-	broker *embedded.Broker
-	fleet  *fleet.Fleet
-	nodes  []*fleet.Node
-	checks int
+	out        io.Writer
+	log        *slog.Logger
+	scheme     string
+	senderAuth bool
+	dir        string
+	broker     *embedded.Broker
+	fleet      *fleet.Fleet
+	nodes      []*fleet.Node
+	checks     int
+
+	dropsBefore []int // --sender-auth: each receiver's sender_auth drops at the last check
 }
 
 func (d *demo) cleanup() {
@@ -104,18 +108,26 @@ func (d *demo) run(n int) error {
 	for i := 1; i <= n; i++ {
 		names = append(names, fmt.Sprintf("sidecar-%d", i))
 	}
+	members := append(names, "sidecar-late")
+	if d.senderAuth {
+		members = append(members, rogueName)
+	}
 	d.fleet, err = fleet.New(fleet.Options{
 		UpstreamURL: d.broker.URL(), UpstreamAddr: d.broker.Addr(), Dir: d.dir,
-		Scheme: d.scheme, Suite: gkd.SuiteHybrid, Logger: d.log,
-		Members: append(names, "sidecar-late"),
+		Scheme: d.scheme, Suite: gkd.SuiteHybrid, Logger: d.log, SenderAuth: d.senderAuth,
+		Members: members,
 		// slotted: short slots, so that the demo crosses a few of them
 		Slot: 2 * time.Second, MemberInterval: time.Minute, SkewSlots: 1,
 	})
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(d.out, "key server         id %s, group %q (scheme %s), identities ML-KEM-768 + X25519 (hybrid HPKE)\n",
-		d.fleet.Server.Public().ID(), fleet.Group, d.scheme)
+	auth := ""
+	if d.senderAuth {
+		auth = ", sender_auth: members sign what they seal"
+	}
+	fmt.Fprintf(d.out, "key server         id %s, group %q (scheme %s%s), identities ML-KEM-768 + X25519 (hybrid HPKE)\n",
+		d.fleet.Server.Public().ID(), fleet.Group, d.scheme, auth)
 	for i, name := range names {
 		node, err := d.fleet.Join(name)
 		if err != nil {
@@ -195,6 +207,11 @@ func (d *demo) run(n int) error {
 		got, ok := node.App.Next(time.Second)
 		if err := d.check(!ok, "legacy-app-%d received none of them", i+2); err != nil {
 			return fmt.Errorf("%w (got %s %q)", err, got.Topic, got.Payload)
+		}
+	}
+	if d.senderAuth {
+		if err := d.forgery(); err != nil {
+			return err
 		}
 	}
 	return d.membership(epoch, captured)

@@ -109,6 +109,35 @@ func TestDemoPassesAndShowsWhatTheBrokerSaw(t *testing.T) {
 	}
 }
 
+// `smqtt demo --sender-auth`: a member forging another's messages in four
+// ways gets none delivered, each dropped under sender_auth; as itself it
+// is heard until revoked, and not after.
+func TestDemoSenderAuthRefusesTheForger(t *testing.T) {
+	for _, scheme := range []string{"update", "slotted"} {
+		t.Run(scheme, func(t *testing.T) {
+			t.Parallel()
+			r := smqtt(t, t.TempDir(), "demo", "--sender-auth", "--scheme", scheme)
+			if r.code != 0 {
+				t.Fatalf("smqtt demo --sender-auth exited %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+			}
+			out := lines(r.stdout)
+			if !strings.HasPrefix(out[len(out)-1], "VERDICT: PASS") {
+				t.Fatalf("last line of stdout is not VERDICT: PASS:\n%s", r.stdout)
+			}
+			for _, want := range []string{
+				"sender_auth: members sign what they seal",
+				"its sidecar dropped all 4 (reason sender_auth)",
+				"received what sidecar-rogue sent as itself",
+				"received nothing from the revoked member; its sidecar dropped it (1, sender_auth)",
+			} {
+				if !strings.Contains(r.stdout, want) {
+					t.Errorf("stdout lacks %q:\n%s", want, r.stdout)
+				}
+			}
+		})
+	}
+}
+
 func TestVersionPrintsTheStampedVersion(t *testing.T) {
 	r := smqtt(t, t.TempDir(), "version")
 	if r.code != 0 || r.stdout != "smqtt "+testVersion+"\n" {
