@@ -65,7 +65,12 @@ type GroupStatus struct {
 	Sender    uint64
 	LastRekey time.Time
 	LastBeat  time.Time
-	Refused   string
+	Refused   string // the reason of the key server's last refusal, until a join succeeds
+	// Revoked: the key server refused this member as not (or no longer)
+	// allowed in the group. Joins are still retried, slowly and at every new
+	// topic policy (a reload of the key server), so that a re-admitted member
+	// comes back by itself.
+	Revoked bool
 	// JoinLatency is the time from the last answered join request to its
 	// response (it includes the key server's rekey batching for newcomers).
 	JoinLatency time.Duration
@@ -104,6 +109,7 @@ type groupState struct {
 	lastRekey time.Time
 	lastBeat  time.Time
 	refused   string
+	revoked   bool // refused as not allowed in the group
 	timers    []*time.Timer
 
 	// lkh groups only: the member's path keys, and the counter of the last
@@ -243,11 +249,15 @@ func (c *Client) connect(lost chan struct{}) error {
 func (c *Client) joinAll(lost chan struct{}) {
 	go func() {
 		first := true
-		for {
+		// A refused group is asked again every refusedRetries rounds: a
+		// reload of the key server may have admitted it (a new policy asks
+		// at once, see onMessage).
+		const refusedRetries = 10
+		for round := 1; ; round++ {
 			c.mu.Lock()
 			var todo []string
 			for g, st := range c.state {
-				if first || !c.readyLocked(g, st) && st.refused == "" {
+				if first || !c.readyLocked(g, st) && (st.refused == "" || round%refusedRetries == 0) {
 					todo = append(todo, g)
 				}
 			}
@@ -372,7 +382,18 @@ func (c *Client) onMessage(raw []byte) {
 				}
 			}
 		}
+		var refused []string
+		if newer {
+			for g, st := range c.state {
+				if st.refused != "" {
+					refused = append(refused, g)
+				}
+			}
+		}
 		c.mu.Unlock()
+		for _, g := range refused {
+			go c.join(g) // a new policy means a reload, which may re-admit us
+		}
 		if newer && c.opts.OnPolicy != nil {
 			c.opts.OnPolicy(p)
 		}
@@ -420,7 +441,8 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 		}
 		st.joinLatency = time.Since(c.sentAt[r.RequestNonce])
 		c.forgetJoinsLocked(group)
-		st.joined, st.refused, st.lkh = true, "", nil
+		c.admittedLocked(st, group)
+		st.joined, st.lkh = true, nil
 		st.lastRekey = time.Now()
 		c.freshLocked(st, group)
 		c.cond.Broadcast()
@@ -448,7 +470,8 @@ func (c *Client) onJoinResponse(msg *gkd.Message) {
 		c.activateAtLocked(st, group, r.Epoch, r.ActivateAt)
 	}
 	c.retireSupersededLocked(st, group, r.Epoch)
-	st.joined, st.refused = true, ""
+	c.admittedLocked(st, group)
+	st.joined = true
 	st.counter, st.epoch, st.sender = r.Counter, r.Epoch, r.Sender
 	st.lkh, st.rekeyCounter = lkh, 0
 	st.lastRekey = time.Now()
@@ -481,7 +504,9 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 	delete(c.joins, r.RequestNonce)
 	delete(c.sentAt, r.RequestNonce)
 	st := c.state[group]
-	st.refused = r.Reason
+	revoked := r.Code == gkd.RefusalNotAuthorised || r.Code == gkd.RefusalRevoked
+	changed := st.refused == "" || st.revoked != revoked
+	st.refused, st.revoked = r.Reason, revoked
 	if st.joined {
 		// Revoked while holding keys: stop sealing at once.
 		st.joined, st.senderAuth, st.rosterMin = false, false, 0
@@ -492,7 +517,24 @@ func (c *Client) onRefusal(msg *gkd.Message) {
 		st.slot = nil
 	}
 	c.cond.Broadcast()
-	c.log.Error("the key server refused to admit this sidecar to a group", "group", group, "reason", r.Reason)
+	if !changed {
+		return // said once, when the state changed
+	}
+	if revoked {
+		c.log.Error(fmt.Sprintf("revoked from group %q: the key server no longer admits this sidecar; its messages are neither sealed nor opened here until it is re-admitted", group),
+			"group", group, "reason", r.Reason)
+		return
+	}
+	c.log.Error("the key server refused to admit this sidecar to a group", "group", group, "code", r.Code.String(), "reason", r.Reason)
+}
+
+// admittedLocked clears a refusal on a successful join, and says so when the
+// member had been refused.
+func (c *Client) admittedLocked(st *groupState, group string) {
+	if st.refused != "" {
+		c.log.Info(fmt.Sprintf("admitted to group %q again by the key server", group), "group", group, "was", st.refused)
+	}
+	st.refused, st.revoked = "", false
 }
 
 func (c *Client) onRekey(msg *gkd.Message) {
@@ -761,7 +803,7 @@ func (c *Client) Status() []GroupStatus {
 	var out []GroupStatus
 	for _, g := range c.opts.Groups {
 		st := c.state[g]
-		out = append(out, GroupStatus{Group: g, Joined: c.readyLocked(g, st), Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused, JoinLatency: st.joinLatency})
+		out = append(out, GroupStatus{Group: g, Joined: c.readyLocked(g, st), Epoch: st.epoch, Sender: st.sender, LastRekey: st.lastRekey, LastBeat: st.lastBeat, Refused: st.refused, Revoked: st.revoked, JoinLatency: st.joinLatency})
 	}
 	return out
 }

@@ -1,34 +1,15 @@
 package keyclient
 
 import (
-	"bytes"
 	"crypto/rand"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/smqtt/smqtt/gkd"
+	"github.com/smqtt/smqtt/internal/syncbuf"
 )
-
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // testClient is a key client with no connection, a key server identity
 // to answer it, and its log.
@@ -36,7 +17,7 @@ type testClient struct {
 	c      *Client
 	server *gkd.Identity
 	me     *gkd.Identity
-	log    *syncBuffer
+	log    *syncbuf.Buffer
 }
 
 func newTestClient(t *testing.T) *testClient {
@@ -49,7 +30,7 @@ func newTestClient(t *testing.T) *testClient {
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := &syncBuffer{}
+	log := &syncbuf.Buffer{}
 	c, err := NewClient(ClientOptions{
 		Identity: me, Server: server.Public(), Groups: []string{"g"}, Ring: NewRing(),
 		Logger: slog.New(slog.NewTextHandler(log, nil)),

@@ -43,6 +43,31 @@ func newFleetWith(t *testing.T, o fleet.Options, hooks ...mqtt.Hook) *testFleet 
 	return &testFleet{Fleet: f, t: t, up: up}
 }
 
+// A testStore is where a test's key server keeps its state. Tests that must
+// hold on every store the key server can run on loop over testStores; a store
+// other than the default bbolt file in the test's directory adds an entry
+// whose keyServer opens it (on a prefix of its own for each test).
+type testStore struct {
+	name      string
+	keyServer func(t *testing.T, o *keyserver.Options) // nil: the bbolt file
+}
+
+var testStores = []testStore{{name: "bbolt"}}
+
+// forEachStore runs test once per store, as a subtest named after it, with
+// fleet options that open that store.
+func forEachStore(t *testing.T, test func(t *testing.T, o fleet.Options)) {
+	for _, st := range testStores {
+		t.Run(st.name, func(t *testing.T) {
+			var o fleet.Options
+			if st.keyServer != nil {
+				o.KeyServer = func(ko *keyserver.Options) { st.keyServer(t, ko) }
+			}
+			test(t, o)
+		})
+	}
+}
+
 // revoke reloads the key server with its group allowing only members.
 func (f *testFleet) revoke(members ...string) {
 	f.t.Helper()

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,6 +33,9 @@ func runKeyserver(args []string, stdout, stderr io.Writer) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts.Registry = reg
+	if err := makeStoreDir(opts.StorePath); err != nil {
+		return err
+	}
 	srv, err := keyserver.New(opts)
 	if err != nil {
 		return err
@@ -73,6 +77,16 @@ func runKeyserver(args []string, stdout, stderr io.Writer) error {
 		break
 	}
 	return srv.Close()
+}
+
+// makeStoreDir creates the directory of the key server's store file, mode
+// 0700 (it holds every group's key), as the sidecar does for its data_dir:
+// a first start needs no mkdir.
+func makeStoreDir(store string) error {
+	if err := os.MkdirAll(filepath.Dir(store), 0o700); err != nil {
+		return fmt.Errorf("keyserver.store: %w", err)
+	}
+	return nil
 }
 
 // loadKeyserver reads and checks the keyserver section and loads every key

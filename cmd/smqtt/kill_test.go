@@ -35,15 +35,8 @@ type killRig struct {
 
 func newKillRig(t *testing.T) *killRig {
 	t.Helper()
-	if _, ok := mosquitto.Available(); !ok {
-		t.Skip("mosquitto not installed")
-	}
+	up := startMosquitto(t)
 	dir := t.TempDir()
-	up, err := mosquitto.Start(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { up.Close() })
 	if r := smqtt(t, dir, "keygen", "--group", "-o", "demo.key"); r.code != 0 {
 		t.Fatalf("keygen --group: %s", r.stderr)
 	}
@@ -67,6 +60,21 @@ sidecar:
 		k.start(name)
 	}
 	return k
+}
+
+// startMosquitto starts a Mosquitto broker for the test, or skips the test
+// when Mosquitto is not installed.
+func startMosquitto(t *testing.T) *mosquitto.Broker {
+	t.Helper()
+	if _, ok := mosquitto.Available(); !ok {
+		t.Skip("mosquitto not installed")
+	}
+	up, err := mosquitto.Start(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	return up
 }
 
 func freeAddr(t *testing.T) string {

@@ -72,7 +72,7 @@ func runSidecar(args []string, stdout, stderr io.Writer) error {
 	}
 	var metricsSrv *http.Server
 	if cfg.MetricsListen != "" {
-		metricsSrv, err = serveMetrics(cfg.MetricsListen, reg, func() error { return sidecarHealth(sc, opts) }, log)
+		metricsSrv, err = serveMetrics(cfg.MetricsListen, reg, func() error { return sidecarHealth(sc, opts, kc) }, log)
 		if err != nil {
 			sc.Close(context.Background())
 			return err
@@ -309,14 +309,15 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 	}
 	kc.Start()
 	for _, g := range groups {
+		labels := prometheus.Labels{"group": g}
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "smqtt_sidecar_join_seconds", Help: "Time from the last answered join request to the key server's response.",
-			ConstLabels: prometheus.Labels{"group": g},
+			Name: "smqtt_sidecar_join_seconds", Help: "Time from the last answered join request to the key server's response.", ConstLabels: labels,
+		}, func() float64 { return groupStatus(kc, g).JoinLatency.Seconds() }))
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "smqtt_sidecar_group_revoked", Help: "1 while the key server refuses this sidecar as not (or no longer) a member of the group.", ConstLabels: labels,
 		}, func() float64 {
-			for _, st := range kc.Status() {
-				if st.Group == g {
-					return st.JoinLatency.Seconds()
-				}
+			if groupStatus(kc, g).Revoked {
+				return 1
 			}
 			return 0
 		}))
@@ -343,6 +344,16 @@ func startKeyClient(cfg *config.Sidecar, opts proxy.Options, sc *proxy.Sidecar, 
 		log.Info("group", "group", st.Group, "joined", st.Joined, "epoch", st.Epoch, "sender", st.Sender, "join_latency", st.JoinLatency)
 	}
 	return kc, nil
+}
+
+// groupStatus returns what the key client knows of group g.
+func groupStatus(kc *keyclient.Client, g string) keyclient.GroupStatus {
+	for _, st := range kc.Status() {
+		if st.Group == g {
+			return st
+		}
+	}
+	return keyclient.GroupStatus{Group: g}
 }
 
 // policyRules turns the key server's policy into sidecar rules; groups this
@@ -386,11 +397,22 @@ func clientTLS(u config.Upstream) (*tls.Config, error) {
 	return c, nil
 }
 
-// sidecarHealth is nil when upstream is connected and every protected
-// group has a key to seal with.
-func sidecarHealth(sc *proxy.Sidecar, opts proxy.Options) error {
+// sidecarHealth is nil when upstream is connected, the key server (if any)
+// admits the sidecar to every group it joins, and every protected group has
+// a key to seal with.
+func sidecarHealth(sc *proxy.Sidecar, opts proxy.Options, kc *keyclient.Client) error {
 	if !sc.Connected() {
 		return errors.New("upstream not connected")
+	}
+	if kc != nil {
+		for _, st := range kc.Status() {
+			switch {
+			case st.Revoked:
+				return fmt.Errorf("revoked from group %q: %s", st.Group, st.Refused)
+			case st.Refused != "":
+				return fmt.Errorf("group %q: refused by the key server: %s", st.Group, st.Refused)
+			}
+		}
 	}
 	for _, r := range opts.Rules {
 		if _, err := opts.Keys.Sealer(r.Group); err != nil {

@@ -47,6 +47,9 @@ type Options struct {
 	// its key-distribution messages (0: the key server's default).
 	SenderAuth     bool
 	MaxMessageSize int
+	// KeyServer, when set, adjusts the key server's options before it
+	// first starts (a test puts its store elsewhere, for instance).
+	KeyServer func(*keyserver.Options)
 }
 
 // Fleet is a running key server and the identities of its members.
@@ -124,6 +127,9 @@ func New(o Options) (*Fleet, error) {
 		LeaveDelay: o.LeaveDelay,
 		Logger:     o.Logger,
 		Registry:   o.Registry,
+	}
+	if o.KeyServer != nil {
+		o.KeyServer(&f.KSOpts)
 	}
 	if err := f.StartServer(); err != nil {
 		return nil, err
