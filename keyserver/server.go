@@ -86,7 +86,7 @@ type Server struct {
 	log   *slog.Logger
 	m     *metrics
 	id    [8]byte
-	store *store
+	store stateStore
 
 	mu        sync.Mutex
 	client    paho.Client
