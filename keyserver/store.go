@@ -31,6 +31,13 @@ type groupRecord struct {
 	// Leaving are members whose leave was accepted and whose rekey has not
 	// happened yet: a restart in between still rekeys them out.
 	Leaving []string `json:"leaving,omitempty"`
+	// Revoking: the next rekey removes a revoked member (the old epoch then
+	// stays open only for send_grace).
+	Revoking bool `json:"revoking,omitempty"`
+	// Revoked are members a configuration reload removed from the group: no
+	// key server re-admits them, whatever its configuration file says, until
+	// a reload adds them back (revoke.go).
+	Revoked []string `json:"revoked,omitempty"`
 	// Tree is an lkh group's key tree ([gkd.LKHTree.MarshalBinary]); secret
 	// like Key. It is stored in pages of its own; TreeLen is its length.
 	Tree    []byte `json:"tree,omitempty"`
@@ -106,7 +113,7 @@ type stateStore interface {
 	// saveGroup commits the group's record and the members it marks dirty.
 	saveGroup(name string, rec *groupRecord) error
 	// getMeta returns a server-wide value (nil if unset); putMeta commits one.
-	getMeta(key []byte) []byte
+	getMeta(key []byte) ([]byte, error)
 	putMeta(key, value []byte) error
 	close() error
 }
@@ -284,13 +291,13 @@ func putPages(b *bolt.Bucket, old, tree []byte) error {
 	return nil
 }
 
-func (s *boltStore) getMeta(key []byte) []byte {
+func (s *boltStore) getMeta(key []byte) ([]byte, error) {
 	var out []byte
 	s.db.View(func(tx *bolt.Tx) error {
 		out = append([]byte(nil), tx.Bucket(bucketMeta).Get(key)...)
 		return nil
 	})
-	return out
+	return out, nil
 }
 
 func (s *boltStore) putMeta(key, value []byte) error {
