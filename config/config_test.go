@@ -255,6 +255,14 @@ func TestKeyserverConfigRejects(t *testing.T) {
 		{"upstream scheme", "keyserver:\n  identity: keys/keyserver.key\n  upstream: {url: \"udp://b:1883\"}\n", `config: keyserver.upstream.url: unsupported scheme "udp"`},
 		{"topic prefix empty", keyserverBase + "  topic_prefix: \"\"\n", `config: keyserver.topic_prefix: invalid topic name "": empty`},
 		{"store empty", keyserverBase + "  store: \"\"\n", "config: keyserver.store: empty"},
+		{"store a list", keyserverBase + "  store: [a]\n", "config: keyserver.store: want a file path or {etcd: {endpoints: [...]}}"},
+		{"etcd no endpoints", keyserverBase + "  store: {etcd: {}}\n", "config: keyserver.store.etcd.endpoints: empty"},
+		{"etcd unknown key", keyserverBase + "  store: {etcd: {endpoint: [x]}}\n", "config: keyserver.store.etcd.endpoint: unknown key (line "},
+		{"etcd unknown tls key", keyserverBase + "  store: {etcd: {tls: {ca: x}}}\n", "config: keyserver.store.etcd.tls.ca: unknown key (line "},
+		{"etcd endpoint not a URL", keyserverBase + "  store: {etcd: {endpoints: [\"127.0.0.1:2379\"]}}\n", `config: keyserver.store.etcd.endpoints[0]: "127.0.0.1:2379" is not an http:// or https:// URL`},
+		{"etcd prefix", keyserverBase + "  store: {etcd: {endpoints: [\"http://e:2379\"], prefix: smqtt}}\n", `config: keyserver.store.etcd.prefix: "smqtt": want a prefix that starts and ends with /`},
+		{"etcd lease", keyserverBase + "  store: {etcd: {endpoints: [\"http://e:2379\"], lease_ttl: 1500ms}}\n", "config: keyserver.store.etcd.lease_ttl: 1.5s: want whole seconds, at least 2s"},
+		{"etcd cert without key", keyserverBase + "  store: {etcd: {endpoints: [\"https://e:2379\"], tls: {cert_file: keys/a.key.pub}}}\n", "config: keyserver.store.etcd.tls: cert_file and key_file go together"},
 
 		{"member without name", keyserverBase + "  members: [{public_key: k}]\n", "config: keyserver.members[0].name: empty name"},
 		{"member twice", keyserverBase + "  members: [{name: a, public_key: k1}, {name: a, public_key: k2}]\n",
@@ -361,6 +369,26 @@ func TestSidecarKeyserverSectionAbsentStaysNil(t *testing.T) {
 	}
 	if s.Keyserver != nil {
 		t.Errorf("Keyserver = %+v, want nil", s.Keyserver)
+	}
+}
+
+func TestKeyserverEtcdStore(t *testing.T) {
+	dir := fixtureDir(t)
+	f, err := Parse([]byte(keyserverBase+"  store:\n    etcd: {endpoints: [\"http://e1:2379\", \"http://e2:2379\"]}\n"), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := f.KeyserverConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := EtcdStore{Endpoints: []string{"http://e1:2379", "http://e2:2379"}, Prefix: "/smqtt/", DialTimeout: 5 * time.Second, LeaseTTL: 3 * time.Second, Timeout: 5 * time.Second}
+	if k.Store != "" || k.Etcd == nil || !reflect.DeepEqual(*k.Etcd, want) {
+		t.Errorf("store %q, etcd %+v, want %+v", k.Store, k.Etcd, want)
+	}
+	f, _ = Parse([]byte(keyserverBase), dir)
+	if k, err := f.KeyserverConfig(); err != nil || k.Etcd != nil || k.Store != filepath.Join(dir, DefaultStore) {
+		t.Errorf("default store %q, etcd %v, %v", k.Store, k.Etcd, err)
 	}
 }
 

@@ -170,7 +170,7 @@ func yamlKeys(t reflect.Type) []string {
 				continue
 			}
 			name, opts, _ := strings.Cut(fld.Tag.Get("yaml"), ",")
-			if name != "" && opts == "" {
+			if name != "" && name != "-" && opts == "" {
 				keys = append(keys, name)
 			}
 			visit(fld.Type)

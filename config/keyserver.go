@@ -14,8 +14,14 @@ type Keyserver struct {
 	Upstream Upstream `yaml:"upstream"`
 	// TopicPrefix starts every key-distribution topic (default "smqtt/v1").
 	TopicPrefix string `yaml:"topic_prefix"`
-	// Store is the key server's database file (default "data/keyserver.db").
-	Store string `yaml:"store"`
+	// Store is the key server's bbolt database file (default
+	// "data/keyserver.db"); empty when the state is in etcd (Etcd).
+	Store string `yaml:"-"`
+	// Etcd is set when keyserver.store is {etcd: {...}}: the state is in an
+	// etcd cluster that several key servers share, one of them leading.
+	Etcd *EtcdStore `yaml:"-"`
+	// StoreSpec is keyserver.store as written: a path, or {etcd: {...}}.
+	StoreSpec StoreSpec `yaml:"store"`
 	// Members are the identities the key server knows, by name.
 	Members []Member `yaml:"members"`
 	// KEM is the key encapsulation used to encrypt key-distribution messages
@@ -134,7 +140,22 @@ func (k *Keyserver) setDefaults(isSet func(string) bool) {
 		k.TopicPrefix = DefaultTopicPrefix
 	}
 	if !isSet("keyserver.store") {
-		k.Store = DefaultStore
+		k.StoreSpec.Path = DefaultStore
+	}
+	k.Store, k.Etcd = k.StoreSpec.Path, k.StoreSpec.Etcd
+	if k.Etcd != nil {
+		if !isSet("keyserver.store.etcd.prefix") {
+			k.Etcd.Prefix = DefaultEtcdPrefix
+		}
+		if !isSet("keyserver.store.etcd.dial_timeout") {
+			k.Etcd.DialTimeout = DefaultEtcdDialTimeout
+		}
+		if !isSet("keyserver.store.etcd.lease_ttl") {
+			k.Etcd.LeaseTTL = DefaultEtcdLeaseTTL
+		}
+		if !isSet("keyserver.store.etcd.timeout") {
+			k.Etcd.Timeout = DefaultEtcdTimeout
+		}
 	}
 	if !isSet("keyserver.kem") {
 		k.KEM = KEMHybrid
@@ -191,6 +212,11 @@ func (k *Keyserver) resolvePaths(baseDir string) {
 	k.Identity = resolve(baseDir, k.Identity)
 	k.Upstream.resolvePaths(baseDir)
 	k.Store = resolve(baseDir, k.Store)
+	if k.Etcd != nil {
+		k.Etcd.TLS.CAFile = resolve(baseDir, k.Etcd.TLS.CAFile)
+		k.Etcd.TLS.CertFile = resolve(baseDir, k.Etcd.TLS.CertFile)
+		k.Etcd.TLS.KeyFile = resolve(baseDir, k.Etcd.TLS.KeyFile)
+	}
 	for i := range k.Members {
 		k.Members[i].PublicKeyFile = resolve(baseDir, k.Members[i].PublicKeyFile)
 	}
@@ -206,8 +232,10 @@ func (k *Keyserver) validate(v *validator) {
 	if err := validTopicPrefix(k.TopicPrefix); err != nil {
 		v.wrap("keyserver.topic_prefix", err)
 	}
-	if k.Store == "" {
-		v.errorf("keyserver.store", "empty; want the database file")
+	if k.Etcd != nil {
+		k.Etcd.validate(v, "keyserver.store.etcd")
+	} else if k.Store == "" {
+		v.errorf("keyserver.store", "empty; want the database file or {etcd: {endpoints: [...]}}")
 	}
 
 	members := map[string]int{} // name -> index

@@ -11,6 +11,10 @@ type metrics struct {
 	members  *prometheus.GaugeVec   // group: members holding the key
 	epoch    *prometheus.GaugeVec   // group
 	rekeyDur prometheus.Histogram
+
+	commitDur prometheus.Histogram // one store commit
+	leader    prometheus.Gauge     // 1 while this key server leads (etcd) or serves (bbolt)
+	failovers prometheus.Counter   // terms this key server began on state another term left
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -37,9 +41,19 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "smqtt_keyserver_rekey_seconds", Help: "Key-server time to build and send one rekey.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}),
+		commitDur: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "smqtt_keyserver_commit_seconds", Help: "Time of one store commit (bbolt or etcd).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		leader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "smqtt_keyserver_leader", Help: "1 while this key server leads (always, on bbolt), 0 while it stands by.",
+		}),
+		failovers: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "smqtt_keyserver_failovers_total", Help: "Times this key server took over the lead of state an earlier leader left in etcd.",
+		}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.rekeys, m.joins, m.refused, m.dropped, m.members, m.epoch, m.rekeyDur} {
+		for _, c := range []prometheus.Collector{m.rekeys, m.joins, m.refused, m.dropped, m.members, m.epoch, m.rekeyDur, m.commitDur, m.leader, m.failovers} {
 			_ = reg.Register(c)
 		}
 	}

@@ -68,7 +68,8 @@ type Options struct {
 	Identity    *gkd.Identity
 	Upstream    mqttconn.Options
 	TopicPrefix string
-	StorePath   string
+	StorePath   string                    // the bbolt file (New)
+	Etcd        *EtcdOptions              // etcd, several key servers (NewHA)
 	Members     map[string]*gkd.PublicKey // name -> identity
 	Groups      []GroupConfig
 	Heartbeat   time.Duration // default 10s
@@ -86,7 +87,14 @@ type Server struct {
 	log   *slog.Logger
 	m     *metrics
 	id    [8]byte
-	store *store
+	store stateStore
+	// term is the leadership term this server serves on etcd (ha.go); nil
+	// for a key server alone on bbolt.
+	term *term
+	// fenced: a commit failed on etcd, so this server may no longer be the
+	// leader, and its state may differ from the store's: it publishes
+	// nothing more and its term ends.
+	fenced bool
 
 	mu        sync.Mutex
 	client    paho.Client
@@ -96,7 +104,8 @@ type Server struct {
 	replay    *gkd.ReplayCache
 	policyV   uint64
 	limits    map[[8]byte]*tokenBucket
-	willsSeen map[[16]byte]bool // connection ids whose Will was acted on
+	willsSeen map[[16]byte]bool   // connection ids whose Will was acted on
+	connIDs   map[string][16]byte // member -> current connection id, as stored
 	warned    map[string]time.Time
 	closed    bool
 	timers    sync.WaitGroup
@@ -129,7 +138,6 @@ type group struct {
 
 	pending   []pendingJoin   // waiting for the next rekey (update)
 	leaving   map[string]bool // to be removed at the next rekey
-	revoking  bool            // the next rekey removes a revoked member
 	rekeyAt   *time.Timer
 	expiry    *time.Timer            // slotted: the earliest end of a member's grant
 	suspended map[string]*time.Timer // Will received: leave unless the member answers
@@ -147,11 +155,25 @@ type pendingJoin struct {
 	nonce [16]byte
 }
 
-// New opens the store and prepares the server; Start connects it.
+// New opens the bbolt store and prepares the server; Start connects it.
+// (Several key servers on etcd: NewHA.)
 func New(opts Options) (*Server, error) {
 	if opts.Identity == nil {
 		return nil, errors.New("keyserver: no identity")
 	}
+	st, err := openStore(opts.StorePath)
+	if err != nil {
+		return nil, err
+	}
+	m := newMetrics(opts.Registry)
+	m.leader.Set(1)
+	return newServer(opts, st, m, nil)
+}
+
+// newServer prepares a server on st, loading its state. term is nil for a
+// key server alone (bbolt), else the leadership term it serves (ha.go).
+// On error st is closed.
+func newServer(opts Options, st stateStore, m *metrics, term *term) (*Server, error) {
 	if opts.TopicPrefix == "" {
 		opts.TopicPrefix = "smqtt/v1"
 	}
@@ -165,26 +187,37 @@ func New(opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	st, err := openStore(opts.StorePath)
-	if err != nil {
-		return nil, err
-	}
 	s := &Server{
-		opts: opts, log: log, store: st,
+		opts: opts, log: log, term: term,
 		id:        opts.Identity.Public().RawID(),
 		limits:    make(map[[8]byte]*tokenBucket),
 		willsSeen: make(map[[16]byte]bool),
 		warned:    make(map[string]time.Time),
 		replay:    gkd.NewReplayCache(opts.RequestWindow, 1<<20),
-		m:         newMetrics(opts.Registry),
+		m:         m,
 	}
-	if blob := st.getMeta(keyReplay); len(blob) > 0 {
+	s.store = &meteredStore{stateStore: st, s: s}
+	blob, err := st.getMeta(keyReplay)
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	if len(blob) > 0 {
 		if err := s.replay.UnmarshalBinary(blob); err != nil {
 			log.Warn("stored anti-replay cache unreadable; starting empty", "error", err)
 		}
 	}
-	if v := st.getMeta(keyPolicy); len(v) == 8 {
+	v, err := st.getMeta(keyPolicy)
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	if len(v) == 8 {
 		s.policyV = beUint64(v)
+	}
+	if err := s.loadConnIDs(); err != nil {
+		st.close()
+		return nil, err
 	}
 	if err := s.configure(opts); err != nil {
 		st.close()
@@ -212,6 +245,8 @@ func (s *Server) configure(opts Options) error {
 		m := &member{name: name, pk: pk, id: pk.RawID()}
 		if old := s.byName[name]; old != nil && old.pk.Equal(pk) {
 			m.connID = old.connID
+		} else if old == nil {
+			m.connID = s.connIDs[name]
 		}
 		members[m.id] = m
 		byName[name] = m
@@ -271,10 +306,7 @@ func (s *Server) configure(opts Options) error {
 			}
 		}
 		g.cfg = gc
-		g.allowed = make(map[string]bool, len(gc.Members))
-		for _, n := range gc.Members {
-			g.allowed[n] = true
-		}
+		g.setAllowed()
 		groups[gid] = g
 	}
 	s.members, s.byName, s.groups = members, byName, groups
@@ -303,11 +335,24 @@ func (s *Server) Start() error {
 			for _, g := range s.groups {
 				s.sendRosterLocked(g, nil)
 			}
+			if s.term != nil {
+				// a new leader's first heartbeat: members see the takeover now
+				s.beatLocked()
+			}
 			s.mu.Unlock()
 		}).
-		SetConnectionLostHandler(func(_ paho.Client, err error) {
+		SetConnectionLostHandler(func(c paho.Client, err error) {
 			s.log.Warn("key server lost the upstream connection; reconnecting", "error", err)
+			if s.term != nil {
+				go s.reconnectLeading(c)
+			}
 		})
+	if s.term != nil {
+		// A leader reconnects only after checking that it still leads: under
+		// the shared client id, a reconnecting ex-leader would take the
+		// broker session over from the new one.
+		o.SetAutoReconnect(false)
+	}
 	s.mu.Lock()
 	s.client = paho.NewClient(o)
 	s.stopBeat, s.beatDone = make(chan struct{}), make(chan struct{})
@@ -389,17 +434,27 @@ func (s *Server) Close() error {
 func (s *Server) Reload(opts Options) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	opts.Identity, opts.StorePath, opts.Upstream = s.opts.Identity, s.opts.StorePath, s.opts.Upstream
+	opts.Identity, opts.StorePath, opts.Upstream, opts.Etcd = s.opts.Identity, s.opts.StorePath, s.opts.Upstream, s.opts.Etcd
+	before := map[string]map[string]bool{} // group -> members its running configuration names
+	for _, gc := range s.opts.Groups {
+		before[gc.Name] = map[string]bool{}
+		for _, n := range gc.Members {
+			if s.byName[n] != nil {
+				before[gc.Name][n] = true
+			}
+		}
+	}
 	if err := s.configure(opts); err != nil {
 		return err
 	}
 	s.opts.Members, s.opts.Groups = opts.Members, opts.Groups
 	for _, g := range s.groups {
+		changed := s.recordRevocationsLocked(g, before[g.cfg.Name])
 		revoked := false
 		for name := range g.rec.Joined {
 			if !g.allowed[name] || s.byName[name] == nil {
+				g.rec.Revoking = true
 				s.markLeavingLocked(g, name)
-				g.revoking = true
 				revoked = true
 				s.log.Warn("member revoked: rekeying", "group", g.cfg.Name, "member", name)
 			}
@@ -416,7 +471,7 @@ func (s *Server) Reload(opts Options) error {
 		}
 		// A revoked member's retired sender ids go at once too, and a group
 		// may have switched sender_auth on or off.
-		s.commitRosterLocked(g, false)
+		s.commitRosterLocked(g, changed && !revoked)
 	}
 	s.policyV++
 	s.store.putMeta(keyPolicy, beBytes(s.policyV))
@@ -495,7 +550,7 @@ func (s *Server) onRequest(raw []byte) {
 		if err != nil {
 			return
 		}
-		m.connID = rg.ConnID
+		s.setConnIDLocked(m, rg.ConnID)
 	case gkd.TypeChallengeResponse:
 		cr, err := gkd.ParseChallengeResponse(msg.Body)
 		if err != nil {
@@ -533,7 +588,7 @@ func (s *Server) joinLocked(m *member, nonce [16]byte, req gkd.JoinRequest) {
 		s.refuseLocked(m, g.id, nonce, gkd.RefusalNotAuthorised, "not a member of this group")
 		return
 	}
-	m.connID = req.ConnID
+	s.setConnIDLocked(m, req.ConnID)
 	s.cancelSuspensionLocked(g, m.name, "rejoined")
 	if g.cfg.Scheme == "slotted" {
 		s.joinSlottedLocked(g, m, nonce)
@@ -695,9 +750,9 @@ func (s *Server) beginRekeyLocked(g *group) (now, activate time.Time, retention 
 	s.m.epoch.WithLabelValues(g.cfg.Name).Set(float64(g.rec.Epoch))
 	activate = now.Add(g.cfg.RekeyLead)
 	retention = g.cfg.ReceiveRetention
-	if g.revoking {
+	if g.rec.Revoking {
 		retention = g.cfg.SendGrace
-		g.revoking = false
+		g.rec.Revoking = false
 	}
 	return now, activate, retention
 }
@@ -836,22 +891,56 @@ func (s *Server) heartbeats() {
 		case <-t.C:
 		}
 		s.mu.Lock()
-		for _, g := range s.groups {
-			g.rec.Counter++
-			if err := s.store.saveGroup(g.cfg.Name, g.rec); err != nil {
-				s.log.Error("storing a heartbeat counter failed", "group", g.cfg.Name, "error", err)
-				continue
-			}
-			s.sendLocked(gkd.GroupTopic(s.opts.TopicPrefix, g.id),
-				mustPlain(s.opts.Identity, [8]byte{}, gkd.TypeHeartbeat, gkd.Heartbeat{Group: g.id, Epoch: g.rec.Epoch, Counter: g.rec.Counter, Roster: g.rosterVersion()}))
-		}
+		s.beatLocked()
 		s.mu.Unlock()
+	}
+}
+
+// beatLocked commits each group's next heartbeat counter, then sends its
+// heartbeat.
+func (s *Server) beatLocked() {
+	for _, g := range s.groups {
+		if s.closed || s.fenced {
+			return
+		}
+		g.rec.Counter++
+		if err := s.store.saveGroup(g.cfg.Name, g.rec); err != nil {
+			s.log.Error("storing a heartbeat counter failed", "group", g.cfg.Name, "error", err)
+			continue
+		}
+		s.sendLocked(gkd.GroupTopic(s.opts.TopicPrefix, g.id),
+			mustPlain(s.opts.Identity, [8]byte{}, gkd.TypeHeartbeat, gkd.Heartbeat{Group: g.id, Epoch: g.rec.Epoch, Counter: g.rec.Counter, Roster: g.rosterVersion()}))
+	}
+}
+
+// reconnectLeading reconnects a leader's lost broker connection once it has
+// checked that it still leads.
+func (s *Server) reconnectLeading(c paho.Client) {
+	for {
+		s.mu.Lock()
+		stop := s.closed || s.fenced
+		s.mu.Unlock()
+		if stop {
+			return
+		}
+		if err := s.term.check(); err != nil {
+			s.mu.Lock()
+			s.fenceLocked(err)
+			s.mu.Unlock()
+			return
+		}
+		tok := c.Connect()
+		tok.Wait()
+		if tok.Error() == nil {
+			return
+		}
+		time.Sleep(250 * time.Millisecond)
 	}
 }
 
 // publishPolicyLocked sends the signed topic policy (retained).
 func (s *Server) publishPolicyLocked() {
-	if s.client == nil {
+	if s.client == nil || !s.mayPublishLocked() {
 		return
 	}
 	p := gkd.Policy{Version: s.policyV}
@@ -866,6 +955,9 @@ func (s *Server) publishPolicyLocked() {
 }
 
 func (s *Server) sendLocked(topic string, msg []byte) {
+	if !s.mayPublishLocked() {
+		return
+	}
 	if s.sink != nil && msg != nil {
 		s.sink(topic, msg)
 		return

@@ -163,7 +163,7 @@ func (s *Server) noteRevokedLocked(g *group) {
 			g.rec.RevokedUntil = jm.Until.UnixMilli()
 		}
 	}
-	g.revoking = true // the old K2 stays open only for send_grace
+	g.rec.Revoking = true // the old K2 stays open only for send_grace
 }
 
 // armExpiryLocked sets the group's timer to the earliest end of a grant.
@@ -208,7 +208,7 @@ func (s *Server) expireLocked(g *group, now time.Time) {
 		s.m.members.WithLabelValues(g.cfg.Name).Set(float64(len(g.rec.Joined)))
 		if now.UnixMilli() < g.rec.RevokedUntil {
 			s.log.Info("a revoked member's slots outlast an expired one's: refreshing K2", "group", g.cfg.Name)
-			g.revoking = true
+			g.rec.Revoking = true
 			s.scheduleRekeyLocked(g)
 		}
 	}

@@ -31,6 +31,13 @@ type groupRecord struct {
 	// Leaving are members whose leave was accepted and whose rekey has not
 	// happened yet: a restart in between still rekeys them out.
 	Leaving []string `json:"leaving,omitempty"`
+	// Revoking: the next rekey removes a revoked member (the old epoch then
+	// stays open only for send_grace).
+	Revoking bool `json:"revoking,omitempty"`
+	// Revoked are members a configuration reload removed from the group: no
+	// key server re-admits them, whatever its configuration file says, until
+	// a reload adds them back (revoke.go).
+	Revoked []string `json:"revoked,omitempty"`
 	// Tree is an lkh group's key tree ([gkd.LKHTree.MarshalBinary]); secret
 	// like Key. It is stored in pages of its own; TreeLen is its length.
 	Tree    []byte `json:"tree,omitempty"`
@@ -95,7 +102,23 @@ type joinedMember struct {
 	SignKey []byte `json:"sign_key,omitempty"`
 }
 
-// store is the key server's bbolt database. Every change that a reply
+// stateStore is where the key server keeps its state: a bbolt file
+// (boltStore, one key server) or etcd (etcdStore, several key servers of
+// which one leads). Every change that a reply depends on (a new epoch, a
+// sender id, a member joining or leaving) is committed before the reply
+// goes out; a commit that fails leaves the caller's state uncommitted.
+type stateStore interface {
+	// loadGroup returns the group's committed record, nil if there is none.
+	loadGroup(name string) (*groupRecord, error)
+	// saveGroup commits the group's record and the members it marks dirty.
+	saveGroup(name string, rec *groupRecord) error
+	// getMeta returns a server-wide value (nil if unset); putMeta commits one.
+	getMeta(key []byte) ([]byte, error)
+	putMeta(key, value []byte) error
+	close() error
+}
+
+// boltStore is the key server's bbolt database. Every change that a reply
 // depends on (a new epoch, a sender id, a member joining or leaving) is
 // committed before the reply goes out.
 //
@@ -104,7 +127,7 @@ type joinedMember struct {
 // (JSON, without members and tree) in bucket "groups"; each joined member
 // under its name in bucket "joined" → group; the key tree's encoding in
 // 64 KiB pages in bucket "tree" → group, only the pages that changed.
-type store struct {
+type boltStore struct {
 	db *bolt.DB
 
 	// the tree each group's last commit wrote, compared page by page
@@ -120,7 +143,7 @@ var (
 // treePage is the size of one stored page of a key tree's encoding.
 const treePage = 64 << 10
 
-func openStore(path string) (*store, error) {
+func openStore(path string) (*boltStore, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("keyserver: open store %s: %w", path, err)
@@ -137,12 +160,12 @@ func openStore(path string) (*store, error) {
 		db.Close()
 		return nil, fmt.Errorf("keyserver: init store %s: %w", path, err)
 	}
-	return &store{db: db, savedTree: map[string][]byte{}}, nil
+	return &boltStore{db: db, savedTree: map[string][]byte{}}, nil
 }
 
-func (s *store) close() error { return s.db.Close() }
+func (s *boltStore) close() error { return s.db.Close() }
 
-func (s *store) loadGroup(name string) (*groupRecord, error) {
+func (s *boltStore) loadGroup(name string) (*groupRecord, error) {
 	var rec *groupRecord
 	err := s.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketGroups).Get([]byte(name))
@@ -195,7 +218,7 @@ func (s *store) loadGroup(name string) (*groupRecord, error) {
 
 // saveGroup commits a group: its record, the members that joined, changed
 // or left since the last commit, and the tree pages that changed.
-func (s *store) saveGroup(name string, rec *groupRecord) error {
+func (s *boltStore) saveGroup(name string, rec *groupRecord) error {
 	head := *rec
 	head.Joined, head.Tree, head.TreeLen = nil, nil, len(rec.Tree)
 	v, err := json.Marshal(&head)
@@ -268,16 +291,16 @@ func putPages(b *bolt.Bucket, old, tree []byte) error {
 	return nil
 }
 
-func (s *store) getMeta(key []byte) []byte {
+func (s *boltStore) getMeta(key []byte) ([]byte, error) {
 	var out []byte
 	s.db.View(func(tx *bolt.Tx) error {
 		out = append([]byte(nil), tx.Bucket(bucketMeta).Get(key)...)
 		return nil
 	})
-	return out
+	return out, nil
 }
 
-func (s *store) putMeta(key, value []byte) error {
+func (s *boltStore) putMeta(key, value []byte) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketMeta).Put(key, value)
 	})

@@ -35,7 +35,7 @@ func TestStoreCommitsChangesAndReadsOlderRecords(t *testing.T) {
 	}
 	db.Close()
 
-	reopen := func() (*store, *groupRecord) {
+	reopen := func() (*boltStore, *groupRecord) {
 		t.Helper()
 		st, err := openStore(path)
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -33,25 +34,36 @@ func runKeyserver(args []string, stdout, stderr io.Writer) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts.Registry = reg
-	if err := makeStoreDir(opts.StorePath); err != nil {
-		return err
-	}
-	srv, err := keyserver.New(opts)
-	if err != nil {
-		return err
+	var srv keyServer
+	var health func() (string, error)
+	if opts.Etcd != nil {
+		ha, err := keyserver.NewHA(opts)
+		if err != nil {
+			return err
+		}
+		srv, health = ha, ha.Health
+	} else {
+		if err := makeStoreDir(opts.StorePath); err != nil {
+			return err
+		}
+		one, err := keyserver.New(opts)
+		if err != nil {
+			return err
+		}
+		srv = one
+		health = func() (string, error) {
+			if !one.Connected() {
+				return "", errors.New("upstream not connected")
+			}
+			return "ok", nil
+		}
 	}
 	if err := srv.Start(); err != nil {
 		return err
 	}
-	log.Info("key server started", "public_key_id", opts.Identity.Public().ID(), "groups", len(opts.Groups), "members", len(opts.Members))
+	log.Info("key server started", "public_key_id", opts.Identity.Public().ID(), "groups", len(opts.Groups), "members", len(opts.Members), "etcd", opts.Etcd != nil)
 	if cfg.MetricsListen != "" {
-		health := func() error {
-			if !srv.Connected() {
-				return errors.New("upstream not connected")
-			}
-			return nil
-		}
-		m, err := serveMetrics(cfg.MetricsListen, reg, health, log)
+		m, err := serveMetricsBody(cfg.MetricsListen, reg, health, log)
 		if err != nil {
 			srv.Close()
 			return err
@@ -87,6 +99,13 @@ func makeStoreDir(store string) error {
 		return fmt.Errorf("keyserver.store: %w", err)
 	}
 	return nil
+}
+
+// keyServer is one key server alone (bbolt) or one of several (etcd).
+type keyServer interface {
+	Start() error
+	Reload(keyserver.Options) error
+	Close() error
 }
 
 // loadKeyserver reads and checks the keyserver section and loads every key
@@ -139,7 +158,18 @@ func loadKeyserver(path string, log *slog.Logger) (keyserver.Options, *config.Ke
 	if err != nil {
 		return keyserver.Options{}, nil, err
 	}
+	var etcd *keyserver.EtcdOptions
+	if e := cfg.Etcd; e != nil {
+		t, err := etcdTLS(e)
+		if err != nil {
+			return keyserver.Options{}, nil, err
+		}
+		etcd = &keyserver.EtcdOptions{
+			Endpoints: e.Endpoints, Prefix: e.Prefix, DialTimeout: e.DialTimeout, LeaseTTL: e.LeaseTTL, Timeout: e.Timeout, TLS: t,
+		}
+	}
 	return keyserver.Options{
+		Etcd:        etcd,
 		Identity:    id,
 		Upstream:    upstreamOptions(cfg.Upstream, upTLS),
 		TopicPrefix: cfg.TopicPrefix,
@@ -158,4 +188,23 @@ func upstreamOptions(u config.Upstream, t *tls.Config) mqttconn.Options {
 		URL: u.URL, ClientID: u.ClientID, Username: u.Username, Password: u.Password,
 		TLS: t, KeepAlive: u.Keepalive, ConnectTimeout: u.ConnectTimeout,
 	}
+}
+
+// etcdTLS returns the etcd client's TLS settings: nil for http:// endpoints
+// without TLS files.
+func etcdTLS(e *config.EtcdStore) (*tls.Config, error) {
+	https := false
+	for _, ep := range e.Endpoints {
+		https = https || strings.HasPrefix(ep, "https://")
+	}
+	if !https && e.TLS == (config.EtcdTLS{}) {
+		return nil, nil
+	}
+	u := config.Upstream{URL: "ssl://etcd"}
+	u.TLS.CAFile, u.TLS.CertFile, u.TLS.KeyFile = e.TLS.CAFile, e.TLS.CertFile, e.TLS.KeyFile
+	c, err := clientTLS(u)
+	if err != nil {
+		return nil, fmt.Errorf("keyserver.store.etcd.tls: %w", err)
+	}
+	return c, nil
 }

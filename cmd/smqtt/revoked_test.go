@@ -83,7 +83,7 @@ sidecar:
 	}
 	reload("b")
 	waitStatus(t, health, func(c int) bool { return c == http.StatusServiceUnavailable }, "health fails once revoked")
-	if body := get(t, health); !strings.Contains(body, `revoked from group "demo"`) {
+	if body := getBody(t, health); !strings.Contains(body, `revoked from group "demo"`) {
 		t.Fatalf("/healthz says %q, want it to name the group it was revoked from", body)
 	}
 	if v := scrape(t, metricsURL)[revokedSeries]; v != 1 {
@@ -103,8 +103,8 @@ sidecar:
 	sc.logged(t, `admitted to group "demo" again`, "group")
 }
 
-// get returns the body of a GET of url.
-func get(t *testing.T, url string) string {
+// getBody returns the body of a GET of url.
+func getBody(t *testing.T, url string) string {
 	t.Helper()
 	resp, err := http.Get(url)
 	if err != nil {

@@ -424,14 +424,21 @@ func sidecarHealth(sc *proxy.Sidecar, opts proxy.Options, kc *keyclient.Client) 
 
 // serveMetrics serves /metrics and /healthz on addr.
 func serveMetrics(addr string, reg *prometheus.Registry, health func() error, log *slog.Logger) (*http.Server, error) {
+	return serveMetricsBody(addr, reg, func() (string, error) { return "ok", health() }, log)
+}
+
+// serveMetricsBody is serveMetrics with a health check that also says what
+// a healthy process is doing (a key server: leader or standby).
+func serveMetricsBody(addr string, reg *prometheus.Registry, health func() (string, error), log *slog.Logger) (*http.Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
-		if err := health(); err != nil {
+		body, err := health()
+		if err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintln(w, "ok")
+		fmt.Fprintln(w, body)
 	})
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

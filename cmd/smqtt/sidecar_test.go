@@ -38,6 +38,12 @@ func startSidecar(t *testing.T, dir, config string) *sidecarProcess {
 	p := &sidecarProcess{done: make(chan struct{}), news: make(chan struct{}, 1)}
 	p.cmd = exec.Command(smqttBin, "sidecar", "-c", config, "--log-format", "json")
 	p.cmd.Dir = dir
+	return p.run(t)
+}
+
+// run starts p.cmd and reads its JSON logs.
+func (p *sidecarProcess) run(t *testing.T) *sidecarProcess {
+	t.Helper()
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -79,7 +85,7 @@ func startSidecar(t *testing.T, dir, config string) *sidecarProcess {
 			<-p.done
 		}
 		if t.Failed() {
-			t.Logf("sidecar log:\n%s", p.logText())
+			t.Logf("%s log:\n%s", p.cmd.Args[1], p.logText())
 		}
 	})
 	return p
