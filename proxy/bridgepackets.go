@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+
+	"github.com/smqtt/smqtt/envelope"
 )
 
 // errProtocol marks a packet from upstream that breaks MQTT 3.1.1; the
@@ -24,20 +26,6 @@ var (
 	packetPingreq    = []byte{0xc0, 0}
 	packetDisconnect = []byte{0xe0, 0}
 )
-
-func appendRemainingLength(b []byte, n int) []byte {
-	for {
-		d := byte(n % 128)
-		n /= 128
-		if n > 0 {
-			d |= 0x80
-		}
-		b = append(b, d)
-		if n == 0 {
-			return b
-		}
-	}
-}
 
 func appendString(b []byte, s string) []byte {
 	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
@@ -60,7 +48,7 @@ func appendPublish(b []byte, topic string, qos byte, retain bool, id uint16, pay
 		b = nb
 	}
 	b = append(b, h)
-	b = appendRemainingLength(b, n)
+	b = envelope.AppendVarint(b, n)
 	b = appendString(b, topic)
 	if qos > 0 {
 		b = binary.BigEndian.AppendUint16(b, id)
@@ -77,7 +65,7 @@ func ackPacket(typ byte, id uint16) []byte {
 func subscribePacket(id uint16, filter string, qos byte) []byte {
 	b := make([]byte, 0, 5+2+2+len(filter)+1)
 	b = append(b, 0x82)
-	b = appendRemainingLength(b, 2+2+len(filter)+1)
+	b = envelope.AppendVarint(b, 2+2+len(filter)+1)
 	b = binary.BigEndian.AppendUint16(b, id)
 	b = appendString(b, filter)
 	return append(b, qos)
@@ -86,7 +74,7 @@ func subscribePacket(id uint16, filter string, qos byte) []byte {
 func unsubscribePacket(id uint16, filter string, _ byte) []byte {
 	b := make([]byte, 0, 5+2+2+len(filter))
 	b = append(b, 0xa2)
-	b = appendRemainingLength(b, 2+2+len(filter))
+	b = envelope.AppendVarint(b, 2+2+len(filter))
 	b = binary.BigEndian.AppendUint16(b, id)
 	return appendString(b, filter)
 }
@@ -107,7 +95,7 @@ func connectPacket(clientID, username, password string, keepAliveSeconds int64) 
 		body = appendString(body, password)
 	}
 	body[7] = flags
-	b := appendRemainingLength([]byte{0x10}, len(body))
+	b := envelope.AppendVarint([]byte{0x10}, len(body))
 	return append(b, body...)
 }
 

@@ -130,7 +130,7 @@ func appendProps(b, props []byte) []byte {
 // appendPacket appends a packet of the given first byte and body.
 func appendPacket(b []byte, first byte, body []byte) []byte {
 	b = append(b, first)
-	b = appendRemainingLength(b, len(body))
+	b = envelope.AppendVarint(b, len(body))
 	return append(b, body...)
 }
 
@@ -400,7 +400,7 @@ func (p *publishPacket) encodedLen(v5 bool) int {
 	if v5 {
 		n += len(envelope.AppendVarint(nil, len(p.props))) + len(p.props)
 	}
-	return 1 + len(appendRemainingLength(nil, n)) + n
+	return 1 + len(envelope.AppendVarint(nil, n)) + n
 }
 
 func (p *publishPacket) append(b []byte, v5 bool) []byte {
@@ -414,7 +414,7 @@ func (p *publishPacket) append(b []byte, v5 bool) []byte {
 		n += len(plen) + len(p.props)
 	}
 	b = append(b, p.first)
-	b = appendRemainingLength(b, n)
+	b = envelope.AppendVarint(b, n)
 	b = appendString(b, p.topic)
 	if p.qos() > 0 {
 		b = binary.BigEndian.AppendUint16(b, p.id)

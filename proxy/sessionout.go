@@ -49,7 +49,7 @@ func (a *appConn) runOut() {
 			a.abort()
 			return
 		}
-		if n := 1 + len(appendRemainingLength(nil, len(body))) + len(body); a.toldMax > 0 && n > int(a.toldMax) {
+		if n := 1 + len(envelope.AppendVarint(nil, len(body))) + len(body); a.toldMax > 0 && n > int(a.toldMax) {
 			// What a broker does to a client above the maximum it was told.
 			a.local.Write(disconnectFor(true, reasonPacketTooLarge))
 			a.sc.log.Debug("ending a local session: a packet above its maximum packet size", "client", a.appID, "bytes", n, "maximum", a.toldMax)

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/smqtt/smqtt/envelope"
 )
 
 // The bridge's upstream connection reads through a buffer and coalesces its
@@ -143,15 +145,11 @@ func (g *growingReader) Read(p []byte) (int, error) {
 // already, so that reading it does not wait.
 func (g *growingReader) packetBuffered() bool {
 	b := g.buf[g.i:g.n]
-	n, mul := 0, 1
-	for k := 1; k < len(b) && k <= 4; k++ {
-		n += int(b[k]&0x7f) * mul
-		if b[k]&0x80 == 0 {
-			return len(b) >= 1+k+n
-		}
-		mul *= 128
+	if len(b) < 2 {
+		return false
 	}
-	return false
+	n, size, ok := envelope.ParseVarint(b[1:])
+	return ok && len(b) >= 1+size+n
 }
 
 // batchedConn is a net.Conn with a read buffer and a writer goroutine that

@@ -335,7 +335,7 @@ func idleConnect(ctx context.Context, host, id string, o IdleOptions, topic stri
 	vh := []byte{0, 4, 'M', 'Q', 'T', 'T', 4, 0x02, byte(o.KeepAlive / time.Second >> 8), byte(o.KeepAlive / time.Second)}
 	body := append(vh, mqttString(id)...)
 	p = append(p, 0x10)
-	p = appendRemainingLength(p, len(body))
+	p = envelope.AppendVarint(p, len(body))
 	p = append(p, body...)
 	if _, err := c.Write(p); err != nil {
 		c.Close()
@@ -355,7 +355,7 @@ func idleConnect(ctx context.Context, host, id string, o IdleOptions, topic stri
 		body := append([]byte{0, 1}, mqttString(topic)...)
 		body = append(body, 1)
 		p = append(p[:0], 0x82)
-		p = appendRemainingLength(p, len(body))
+		p = envelope.AppendVarint(p, len(body))
 		p = append(p, body...)
 		if _, err := c.Write(p); err != nil {
 			c.Close()
@@ -381,20 +381,6 @@ func idleConnect(ctx context.Context, host, id string, o IdleOptions, topic stri
 
 func mqttString(s string) []byte {
 	return append([]byte{byte(len(s) >> 8), byte(len(s))}, s...)
-}
-
-func appendRemainingLength(p []byte, n int) []byte {
-	for {
-		b := byte(n % 128)
-		n /= 128
-		if n > 0 {
-			b |= 0x80
-		}
-		p = append(p, b)
-		if n == 0 {
-			return p
-		}
-	}
 }
 
 // readPacket reads one MQTT packet: its type (the first byte's high
